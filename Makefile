@@ -1,0 +1,34 @@
+# Two commands on a fresh machine with Python 3.11, pip and make:
+#   make run   - install into .venv/ and start the app (SQLite file, shipped model, sample cases)
+#   make test  - install into .venv/ and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install run test lint browser bench
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/streamlit run app.py
+
+# Browser tests need Debian's chromium; installed here when we may (root with apt-get).
+browser:
+	@bash scripts/ensure_chromium.sh
+
+test: install browser
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) -m benchmarks.inference_latency

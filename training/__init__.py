@@ -1,0 +1,1 @@
+"""Training and evaluation of the InfMap model. Never imports Streamlit."""

@@ -1,0 +1,41 @@
+"""Multi-task loss: Dice + BCE for each mask, cross-entropy for the class.
+
+Dice is computed pooled over the batch (smp's default), so images with empty infection masks
+(all Normal and Non-COVID) still contribute through BCE and the pooled denominator.
+"""
+
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiTaskLoss(nn.Module):
+    def __init__(self, class_weight: float = 0.5, infection_weight: float = 1.5) -> None:
+        super().__init__()
+        self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+        self.class_weight = class_weight
+        self.infection_weight = infection_weight
+
+    def forward(
+        self,
+        mask_logits: torch.Tensor,
+        class_logits: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        mask_logits = mask_logits.float()
+        parts: dict[str, torch.Tensor] = {}
+        for ch, name in enumerate(("lung", "infection")):
+            logit, target = mask_logits[:, ch : ch + 1], masks[:, ch : ch + 1]
+            parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
+                logit, target
+            )
+        parts["class"] = F.cross_entropy(class_logits.float(), labels, label_smoothing=0.05)
+        total = (
+            parts["lung"] + self.infection_weight * parts["infection"]
+            + self.class_weight * parts["class"]
+        )
+        return total, {k: float(v.detach()) for k, v in parts.items()}

@@ -1,0 +1,215 @@
+"""Train the InfMap model from scratch on COVID-QU-Ex.
+
+    python -m training.train --data ../shared/data/covid-qu-ex --out models/infmap.pt
+
+Resumable: the full training state goes to ``--work-dir/last.pt`` every few minutes and at every
+epoch end; running the same command again continues where it stopped. The best-on-Val model is
+written to ``--out`` (float16 weights, metadata with Val metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from inference.model import InfMapNet, ModelConfig, build_model, save_checkpoint
+from training.augment import augment
+from training.data import SplitArrays, load_split, to_tensors
+from training.losses import MultiTaskLoss
+from training.metrics import dice_iou_per_image
+
+DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4.0)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="COVID-QU-Ex root folder")
+    p.add_argument("--out", default="models/infmap.pt", help="best-on-Val checkpoint")
+    p.add_argument("--work-dir", default="runs/train", help="resumable state and history")
+    p.add_argument("--cache-dir", default=".cache/covid-qu-ex", help="decoded-array cache")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--encoder", default=ModelConfig.encoder_name)
+    p.add_argument("--limit", type=int, default=0, help="use only N train/val images (tests)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (tests)")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--no-bf16", action="store_true", help="disable CPU bf16 autocast")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--save-every-min", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    return p.parse_args(argv)
+
+
+def normalise(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    return (images - config.norm_mean) / config.norm_std
+
+
+@torch.no_grad()
+def validate(
+    model: InfMapNet, data: SplitArrays, config: ModelConfig, bf16: bool, batch: int = 32
+) -> dict[str, float]:
+    """Val metrics: per-image mean lung Dice (all), infection Dice (COVID-19 images), accuracy."""
+    model.eval()
+    lung_d, inf_d, correct = [], [], 0
+    for start in range(0, len(data), batch):
+        idx = np.arange(start, min(start + batch, len(data)))
+        img, masks, labels = to_tensors(data, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mask_logits, class_logits = model(normalise(img, config))
+        pred = (mask_logits.float() > 0).numpy()
+        pred[:, 1] &= pred[:, 0]  # infection only inside the lungs, as at inference
+        gt = masks.numpy() > 0.5
+        lung_d.append(dice_iou_per_image(pred[:, 0], gt[:, 0])[0])
+        covid = labels.numpy() == 0
+        if covid.any():
+            inf_d.append(dice_iou_per_image(pred[covid, 1], gt[covid, 1])[0])
+        correct += int((class_logits.argmax(1) == labels).sum())
+    lung = float(np.concatenate(lung_d).mean())
+    inf = float(np.concatenate(inf_d).mean()) if inf_d else float("nan")
+    acc = correct / len(data)
+    score = (lung + (inf if not math.isnan(inf) else 0.0) + acc) / 3
+    return {"lung_dice": lung, "infection_dice_covid": inf, "accuracy": acc, "score": score}
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    bf16 = not args.no_bf16
+    config = ModelConfig(encoder_name=args.encoder)
+
+    train_data = load_split(args.data, "Train", config.input_size, args.cache_dir)
+    val_data = load_split(args.data, "Val", config.input_size, args.cache_dir)
+    if args.limit:
+        rng = np.random.default_rng(args.seed)
+        train_data = train_data.subset(np.sort(rng.permutation(len(train_data))[: args.limit]))
+        val_data = val_data.subset(np.sort(rng.permutation(len(val_data))[: args.limit]))
+
+    model = build_model(config)
+    if not args.no_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = MultiTaskLoss()
+    steps_per_epoch = len(train_data) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    warmup = min(300, max(1, total_steps // 20))
+
+    state_path = work / "last.pt"
+    epoch, step_in_epoch, global_step, best, elapsed = 0, 0, 0, -1.0, 0.0
+    history: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(args.seed)
+    if state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        gen.set_state(st["generator"])
+        epoch, step_in_epoch, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+        best, elapsed = st["best"], st["elapsed"]
+        history = json.loads(st["history"])
+        print(f"resumed at epoch {epoch + 1}, step {step_in_epoch}/{steps_per_epoch}")
+
+    def save_state(next_epoch: int, next_step: int) -> None:
+        """Everything needed to continue at (next_epoch, next_step); written atomically."""
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": gen.get_state(), "epoch": next_epoch, "step_in_epoch": next_step,
+            "global_step": global_step, "best": best, "elapsed": elapsed,
+            "history": json.dumps(history),
+        }, tmp)
+        os.replace(tmp, state_path)
+
+    last_save = time.monotonic()
+    while epoch < args.epochs:
+        perm = np.random.default_rng(args.seed * 1000 + epoch).permutation(len(train_data))
+        model.train()
+        bar = tqdm(range(step_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   initial=step_in_epoch, total=steps_per_epoch, mininterval=5)
+        t0 = time.monotonic()
+        running: dict[str, float] = {}
+        for step_in_epoch in bar:
+            idx = perm[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
+            img, masks, labels = to_tensors(train_data, idx)
+            img, masks = augment(img, masks, gen)
+            x = normalise(img, config)
+            if not args.no_channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(global_step, total_steps, args.lr, warmup)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                mask_logits, class_logits = model(x)
+            loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            global_step += 1
+            for k, v in parts.items():
+                running[k] = 0.9 * running.get(k, v) + 0.1 * v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            if time.monotonic() - last_save > args.save_every_min * 60:
+                elapsed += time.monotonic() - t0
+                t0 = time.monotonic()
+                save_state(epoch, step_in_epoch + 1)
+                last_save = time.monotonic()
+            if args.max_steps and global_step >= args.max_steps:
+                break
+        elapsed += time.monotonic() - t0
+        metrics = validate(model, val_data, config, bf16)
+        metrics.update(epoch=epoch + 1, elapsed_min=round(elapsed / 60, 2), **running)
+        history.append(metrics)
+        print(json.dumps(metrics))
+        if metrics["score"] > best:
+            best = metrics["score"]
+            save_checkpoint(model, args.out, half=True, meta={
+                "version": args.version,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "training_data": DATASET_NOTE,
+                "training": {"epoch": epoch + 1, "epochs": args.epochs, "seed": args.seed,
+                             "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
+                             "train_minutes": round(elapsed / 60, 2),
+                             "train_images": len(train_data)},
+                "metrics": {"val": {k: metrics[k] for k in
+                                    ("lung_dice", "infection_dice_covid", "accuracy")}},
+            })
+        epoch, step_in_epoch = epoch + 1, 0
+        save_state(epoch, 0)
+        (work / "history.json").write_text(json.dumps(history, indent=1))
+        if args.max_steps and global_step >= args.max_steps:
+            break
+    return {"best_score": best, "history": history, "config": asdict(config),
+            "train_minutes": elapsed / 60}
+
+
+def main(argv: list[str] | None = None) -> None:
+    result = train(parse_args(argv))
+    print(f"done: best Val score {result['best_score']:.4f}, "
+          f"{result['train_minutes']:.1f} min of training")
+
+
+if __name__ == "__main__":
+    main()
