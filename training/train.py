@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from inference.model import InfMapNet, ModelConfig, build_model, save_checkpoint
-from training.augment import augment
 from training.data import SplitArrays, load_split, to_tensors
+from training.loop import lr_at, normalise, train_step
 from training.losses import MultiTaskLoss
 from training.metrics import dice_iou_per_image
 
@@ -54,10 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def normalise(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    return (images - config.norm_mean) / config.norm_std
-
-
 @torch.no_grad()
 def validate(
     model: InfMapNet, data: SplitArrays, config: ModelConfig, bf16: bool, batch: int = 32
@@ -83,13 +79,6 @@ def validate(
     acc = correct / len(data)
     score = (lung + (inf if not math.isnan(inf) else 0.0) + acc) / 3
     return {"lung_dice": lung, "infection_dice_covid": inf, "accuracy": acc, "score": score}
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,19 +143,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for step_in_epoch in bar:
             idx = perm[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
             img, masks, labels = to_tensors(train_data, idx)
-            img, masks = augment(img, masks, gen)
-            x = normalise(img, config)
-            if not args.no_channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(global_step, total_steps, args.lr, warmup)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                mask_logits, class_logits = model(x)
-            loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            parts = train_step(model, optimizer, loss_fn, img, masks, labels, gen, config,
+                               lr_at(global_step, total_steps, args.lr, warmup), bf16,
+                               not args.no_channels_last)
             global_step += 1
             for k, v in parts.items():
                 running[k] = 0.9 * running.get(k, v) + 0.1 * v

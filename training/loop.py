@@ -1,0 +1,133 @@
+"""The pieces of a training step shared by ``training.train`` and ``training.finetune``.
+
+One optimisation step is: augment -> normalise -> channels_last -> forward under CPU bf16
+autocast -> multi-task loss (in float32) -> backward -> clip -> AdamW step. Keeping it in one
+place means the shipped model and every fine-tuned version are trained the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.model import InfMapNet, ModelConfig
+from training.augment import augment
+from training.losses import MultiTaskLoss
+
+NO_LABEL = -1  # class label of a sample that has masks but no class (a human mask correction)
+
+
+def normalise(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    return (images - config.norm_mean) / config.norm_std
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class PartialLabelLoss(MultiTaskLoss):
+    """``MultiTaskLoss`` where a sample labelled ``NO_LABEL`` trains the masks but not the class.
+
+    Mask corrections carry no diagnosis, so they stay out of the class cross-entropy; the
+    replayed COVID-QU-Ex samples in the same batch still train the class head. The class term is
+    the mean over labelled samples only (0 when a batch has none), so with every sample labelled
+    this equals ``MultiTaskLoss`` exactly.
+    """
+
+    def forward(
+        self,
+        mask_logits: torch.Tensor,
+        class_logits: torch.Tensor,
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        mask_logits = mask_logits.float()
+        parts: dict[str, torch.Tensor] = {}
+        for ch, name in enumerate(("lung", "infection")):
+            logit, target = mask_logits[:, ch : ch + 1], masks[:, ch : ch + 1]
+            parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
+                logit, target
+            )
+        labelled = labels != NO_LABEL
+        if bool(labelled.any()):
+            parts["class"] = F.cross_entropy(
+                class_logits.float()[labelled], labels[labelled], label_smoothing=0.05
+            )
+        else:
+            parts["class"] = class_logits.float().sum() * 0.0  # keeps the graph, adds nothing
+        total = (
+            parts["lung"] + self.infection_weight * parts["infection"]
+            + self.class_weight * parts["class"]
+        )
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def train_step(
+    model: InfMapNet,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: torch.nn.Module,
+    img: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    config: ModelConfig,
+    lr: float,
+    bf16: bool = True,
+    channels_last: bool = True,
+    clip: float = 5.0,
+) -> dict[str, float]:
+    """One augmented optimisation step on a batch; returns the loss parts (floats)."""
+    img, masks = augment(img, masks, generator)
+    x = normalise(img, config)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mask_logits, class_logits = model(x)
+    loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return parts
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: InfMapNet,
+    images: np.ndarray,
+    config: ModelConfig,
+    bf16: bool = True,
+    batch: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid mask maps (N,2,H,W float32) and class probabilities (N,C) for uint8 (N,H,W)
+    images already at the model's input size."""
+    model.eval()
+    masks, classes = [], []
+    for start in range(0, len(images), batch):
+        img = torch.from_numpy(images[start : start + batch]).float().div_(255.0).unsqueeze(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mask_logits, class_logits = model(normalise(img, config))
+        masks.append(torch.sigmoid(mask_logits.float()).numpy())
+        classes.append(torch.softmax(class_logits.float(), 1).numpy())
+    if not masks:
+        size = config.input_size
+        return (np.zeros((0, 2, size, size), np.float32),
+                np.zeros((0, len(config.class_names)), np.float32))
+    return np.concatenate(masks), np.concatenate(classes)
+
+
+def binarise(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,2,H,W) sigmoid maps -> bool lung and infection masks, infection kept inside lungs
+    (as at inference)."""
+    lung = probabilities[:, 0] > 0.5
+    infection = (probabilities[:, 1] > 0.5) & lung
+    return lung, infection
