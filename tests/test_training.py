@@ -1,0 +1,270 @@
+"""Training pipeline on real COVID-QU-Ex files, kept small enough for 2 CPU cores.
+
+The training/resume test runs ``training.train.main`` on a miniature copy of the dataset's own
+folder layout (symlinks to a few real images per class and split), so the real reader, cache,
+checkpoint and resume code run without decoding the 4,660 Train+Val images first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.model import CLASS_NAMES, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from training.augment import augment
+from training.data import SUBSET, list_samples, load_split
+from training.losses import MultiTaskLoss
+from training.train import normalise
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("INFMAP_DATA", REPO.parent / "shared" / "data" / "covid-qu-ex"))
+needs_data = pytest.mark.skipif(
+    not (DATA / SUBSET).is_dir(), reason=f"COVID-QU-Ex not found at {DATA} (set INFMAP_DATA)"
+)
+MASK_DIRS = {"Lung Masks": "lung masks", "Infection Masks": "infection masks"}
+
+
+def make_mini_dataset(dest: Path, per_class: dict[str, int]) -> Path:
+    """Symlink the first ``n`` images per class of each split (with their masks) into
+    ``dest`` in the dataset's own layout; returns the root to pass as ``--data``."""
+    for split, n in per_class.items():
+        for cls in CLASS_NAMES:
+            src_img = DATA / SUBSET / SUBSET / split / cls / "images"
+            for image in sorted(src_img.glob("*.png"))[:n]:
+                pairs = [(image, dest / SUBSET / SUBSET / split / cls / "images" / image.name)]
+                for top, sub in MASK_DIRS.items():
+                    src = DATA / SUBSET / top / split / cls / sub / image.name
+                    pairs.append((src, dest / SUBSET / top / split / cls / sub / image.name))
+                for src, dst in pairs:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    dst.symlink_to(src)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mini_dataset(tmp_path_factory.mktemp("mini-covid-qu-ex"),
+                             {"Train": 6, "Val": 4, "Test": 2})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@needs_data
+def test_list_samples_real_layout() -> None:
+    train = list_samples(DATA, "Train")
+    assert len(train) == 3728
+    counts = {c: sum(s.label == i for s in train) for i, c in enumerate(CLASS_NAMES)}
+    assert counts == {"COVID-19": 1864, "Non-COVID": 932, "Normal": 932}
+    for s in train[::97]:  # labels come from the class folder; masks share the file name
+        assert s.image.parent.parent.name == s.class_name == CLASS_NAMES[s.label]
+        assert s.lung_mask.name == s.infection_mask.name == s.image.name
+        assert s.lung_mask.parent.parent.name == s.class_name
+    assert [s.label for s in train] == sorted(s.label for s in train)  # sorted by class
+    assert len(list_samples(DATA, "Val")) == 932
+    assert len(list_samples(DATA, "Test")) == 1166
+    # The inner "Infection Segmentation Data" folder is accepted as root too.
+    assert len(list_samples(DATA / SUBSET, "Val")) == 932
+    with pytest.raises(ValueError):
+        list_samples(DATA, "train")
+
+
+# ----------------------------------------------------------------------------- augment
+
+
+def _batch(b: int = 8, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    images = torch.rand(b, 1, size, size, generator=g)
+    masks = torch.zeros(b, 2, size, size)
+    masks[:, 0, 12:52, 4:26] = 1  # a "lung" in the image's left half only
+    masks[:, 1, 20:40, 8:20] = 1
+    return images, masks
+
+
+def test_augment_shapes_ranges_binary() -> None:
+    images, masks = _batch()
+    out_i, out_m = augment(images, masks, torch.Generator().manual_seed(0))
+    assert out_i.shape == images.shape and out_m.shape == masks.shape
+    assert out_i.dtype == images.dtype and out_m.dtype == masks.dtype
+    assert float(out_i.min()) >= 0.0 and float(out_i.max()) <= 1.0
+    assert set(torch.unique(out_m).tolist()) <= {0.0, 1.0}
+    assert not torch.equal(out_i, images)  # it did something
+
+
+def test_augment_deterministic_per_seed() -> None:
+    images, masks = _batch()
+    a = augment(images, masks, torch.Generator().manual_seed(7))
+    b = augment(images, masks, torch.Generator().manual_seed(7))
+    c = augment(images, masks, torch.Generator().manual_seed(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_augment_never_flips_left_right() -> None:
+    images, masks = _batch(b=32)
+    for seed in range(4):
+        _, out = augment(images, masks, torch.Generator().manual_seed(seed))
+        half = out.shape[-1] // 2
+        for ch in range(2):
+            left = out[:, ch, :, :half].sum((1, 2))
+            total = out[:, ch].sum((1, 2))
+            assert bool((total > 0).all()), "mask shifted out of the image"
+            assert float((left / total).min()) > 0.9
+
+
+def test_augment_keeps_infection_inside_lung() -> None:
+    images, masks = _batch()
+    _, out = augment(images, masks, torch.Generator().manual_seed(3))
+    assert bool((out[:, 1] <= out[:, 0]).all())  # same grid, nearest: containment preserved
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+@needs_data
+def test_loss_decreases_on_fixed_batch(mini_root: Path) -> None:
+    """Plain optimisation on 4 real images at 64x64 must fit them (no augmentation)."""
+    torch.manual_seed(0)
+    data = load_split(mini_root, "Train", size=64)  # exercises the resize path too
+    idx = np.array([0, 1, len(data) // 2, len(data) - 1])  # 2 COVID-19, Non-COVID, Normal
+    config = ModelConfig()
+    images = torch.from_numpy(data.images[idx]).float().div(255).unsqueeze(1)
+    masks = torch.from_numpy(np.stack([data.lungs[idx], data.infections[idx]], 1)).float()
+    labels = torch.from_numpy(data.labels[idx])
+    model = build_model(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = MultiTaskLoss()
+    losses = []
+    for _ in range(20):
+        mask_logits, class_logits = model(normalise(images, config))
+        assert mask_logits.shape == (4, 2, 64, 64) and class_logits.shape == (4, 3)
+        loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        assert math.isfinite(losses[-1]) and set(parts) == {"lung", "infection", "class"}
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+# ----------------------------------------------------------------------------- train.main
+
+
+@needs_data
+def test_train_main_checkpoint_and_resume(
+    mini_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.train import main
+
+    out, work = tmp_path / "best.pt", tmp_path / "work"
+    common = ["--data", str(mini_root), "--out", str(out), "--work-dir", str(work),
+              "--cache-dir", str(tmp_path / "cache"), "--limit", "16", "--batch-size", "4",
+              "--version", "0.0.1-test"]
+    main([*common, "--max-steps", "3", "--epochs", "1"])
+    first = capsys.readouterr().out
+    assert "resumed" not in first
+    assert out.is_file() and (work / "last.pt").is_file()
+    assert list((tmp_path / "cache").glob("Train_256_*.npz"))  # decoded-array cache written
+
+    loaded = load_checkpoint(out)  # torch.load(weights_only=True) inside
+    assert loaded.version == "0.0.1-test" and len(loaded.sha256) == 64
+    val = loaded.meta["metrics"]["val"]
+    assert set(val) == {"lung_dice", "infection_dice_covid", "accuracy"}
+    assert all(0.0 <= v <= 1.0 for v in val.values())
+    assert loaded.meta["training"]["epoch"] == 1
+    assert loaded.meta["config"]["input_size"] == 256
+    assert all(v.dtype == torch.float16 for v in torch.load(out, weights_only=True)[
+        "state_dict"].values() if v.is_floating_point())
+    history1 = json.loads((work / "history.json").read_text())
+    assert [h["epoch"] for h in history1] == [1]
+    state = torch.load(work / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 3)
+
+    # Same command, one more epoch: continues from last.pt instead of starting over.
+    main([*common, "--max-steps", "6", "--epochs", "2"])
+    second = capsys.readouterr().out
+    assert "resumed at epoch 2, step 0/4" in second
+    history2 = json.loads((work / "history.json").read_text())
+    assert [h["epoch"] for h in history2] == [1, 2]
+    assert history2[0] == history1[0]
+    state = torch.load(work / "last.pt", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (2, 6)
+    assert load_checkpoint(out).meta["training"]["epoch"] in (1, 2)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+EXPECTED_KEYS = {
+    "split", "data", "checkpoint", "settings", "timing", "n_images", "counts", "lungs",
+    "infection", "classification", "definitions", "published_anchors", "notes", "figures",
+}
+
+
+@needs_data
+def test_evaluate_cli_random_checkpoint(tmp_path: Path, capsys) -> None:
+    from training.evaluate import main
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(), tmp_path / "random.pt", meta={"version": "random"},
+                           half=True)
+    out = tmp_path / "eval"
+    main(["--data", str(DATA), "--split", "Test", "--checkpoint", str(ckpt), "--out", str(out),
+          "--limit", "12", "--batch-size", "6", "--cache-dir", ""])
+    assert "lung Dice mean / pooled" in capsys.readouterr().out
+
+    def no_nan(x: str) -> None:
+        raise AssertionError(f"non-strict JSON constant {x}")
+
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=no_nan)
+    assert set(m) == EXPECTED_KEYS
+    assert m["n_images"] == 12 and sum(m["counts"].values()) == 12
+    assert all(m["counts"][c] > 0 for c in CLASS_NAMES)  # evenly spaced subset keeps classes
+    assert m["checkpoint"]["version"] == "random" and len(m["checkpoint"]["sha256"]) == 64
+    assert m["settings"]["bf16"] is False and m["settings"]["threshold"] == 0.5
+    for key in ("dice_mean", "iou_mean", "dice_pooled", "iou_pooled"):
+        assert 0.0 <= m["lungs"][key] <= 1.0
+        assert 0.0 <= m["infection"]["covid"][key] <= 1.0
+    rest = m["infection"]["non_covid_normal"]
+    assert {"empty_share", "near_empty_share", "near_empty_tolerance"} <= set(rest)
+    assert rest["empty_share"] <= rest["near_empty_share"]
+    cls = m["classification"]
+    assert {"accuracy", "per_class", "confusion_matrix", "covid_sensitivity",
+            "covid_specificity", "roc_auc", "ece", "operating_point_spec95"} <= set(cls)
+    assert set(cls["roc_auc"]) == {*CLASS_NAMES, "macro"}
+    assert np.array(cls["confusion_matrix"]).sum() == 12
+    assert {"sensitivity", "specificity", "threshold"} <= set(cls["operating_point_spec95"])
+    assert any("not chosen on Test" in n for n in m["notes"])
+    assert "dice_mean / iou_mean" in m["definitions"]
+    for fig in ("confusion_matrix.png", "roc_curves.png", "reliability.png",
+                "infection_dice_hist.png"):
+        assert fig in m["figures"]
+        assert (out / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert len(rows) == 13
+
+
+@needs_data
+def test_evaluate_arrays_in_memory(mini_root: Path) -> None:
+    from training.evaluate import evaluate_arrays, predict_arrays
+
+    data = load_split(mini_root, "Test", size=256)  # 2 per class
+    torch.manual_seed(0)
+    model = build_model().train()
+    preds = predict_arrays(model, data, batch_size=4)
+    assert model.training  # mode given back
+    assert preds.probs.shape == (6, 3)
+    np.testing.assert_allclose(preds.probs.sum(1), 1.0, atol=1e-6)
+    assert preds.lungs.shape == preds.infections.shape == (6, 256, 256)
+    assert not (preds.infections & ~preds.lungs).any()  # infection inside the lungs
+    m = evaluate_arrays(model, data, batch_size=3)
+    assert m["n_images"] == 6 and m["counts"] == dict.fromkeys(CLASS_NAMES, 2)
+    assert m["infection"]["covid"]["n_images"] == 2
+    with pytest.raises(ValueError, match="expects 256x256"):
+        predict_arrays(model, load_split(mini_root, "Test", size=64))
