@@ -1,0 +1,145 @@
+"""Engine, SQLite settings, schema upgrades and the transaction helper.
+
+The database is ``DATABASE_URL`` or ``sqlite:///<repo>/data/infmap.sqlite``. Image payloads live
+in a file store next to the SQLite file (``<data_dir>/images/<sha256>.npz``); ``INFMAP_DATA_DIR``
+overrides where that is (needed for non-SQLite URLs that have no file to sit next to).
+
+SQLite transactions follow SQLAlchemy's documented recipe for the ``sqlite3`` driver ("Enabling
+Non-Legacy SQLite Transactional Modes", the former "Serializable isolation / Savepoints /
+Transactional DDL" section): the driver's own BEGIN handling is switched off on connect and a
+``begin`` event emits ``BEGIN IMMEDIATE``. A write session therefore holds SQLite's write lock from
+its first statement, so reading an annotation head and appending on top of it cannot interleave
+with another writer; a second writer waits (``busy_timeout``) and then sees the new head.
+Read-only sessions (``session_scope(engine, write=False)``) emit a plain deferred ``BEGIN`` and
+never block writers (WAL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_PATH = REPO_ROOT / "data" / "infmap.sqlite"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BUSY_TIMEOUT_MS = 10_000
+_BEGIN_OPTION = "infmap_sqlite_begin"  # execution option: "IMMEDIATE" (default) or "DEFERRED"
+
+
+def default_database_url() -> str:
+    return os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_DATABASE_PATH}"
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL, or None (other backends, in-memory)."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    db = url.database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).expanduser().resolve()
+
+
+def data_dir_for(bind: Engine | URL | str) -> Path:
+    """The file-store root for a database: ``INFMAP_DATA_DIR``, else the SQLite file's folder."""
+    env = os.environ.get("INFMAP_DATA_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    url = bind.url if isinstance(bind, Engine) else make_url(bind)
+    db_file = _sqlite_file(url)
+    return db_file.parent if db_file is not None else REPO_ROOT / "data"
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 driver (SQLAlchemy's documented recipe):
+        # it no longer emits BEGIN itself nor commits implicitly before DDL / SAVEPOINT.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if mode == "IMMEDIATE" else "BEGIN")
+
+
+def make_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (default: ``default_database_url()``) with the SQLite settings."""
+    url = make_url(url or default_database_url())
+    db_file = _sqlite_file(url)
+    if db_file is not None:
+        db_file.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, **kwargs)
+    if url.get_backend_name() == "sqlite":
+        _install_sqlite_hooks(engine)
+    return engine
+
+
+def alembic_config(url: str | URL | None = None) -> Any:
+    """The Alembic configuration, built in code (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    rendered = make_url(url or default_database_url()).render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run Alembic migrations up to ``revision`` in one transaction on ``engine``."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url)
+    with engine.begin() as connection:  # BEGIN IMMEDIATE on SQLite: concurrent starts serialise
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, revision)
+
+
+def init_db(url: str | URL | None = None, **kwargs: Any) -> Engine:
+    """Open (creating if needed) the database and upgrade its schema to the newest revision."""
+    engine = make_engine(url, **kwargs)
+    upgrade(engine, "head")
+    return engine
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+@contextmanager
+def session_scope(engine: Engine, *, write: bool = True) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on any exception.
+
+    ``write=False`` starts a deferred (read) transaction on SQLite so it never waits for or
+    blocks writers; writing in it may fail with "database is locked" under contention.
+    Objects stay usable after the block (``expire_on_commit=False``).
+    """
+    bind = engine if write else engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
+    session = Session(bind=bind, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
