@@ -19,8 +19,8 @@ import torch
 from inference.model import CLASS_NAMES, ModelConfig, build_model, load_checkpoint, save_checkpoint
 from training.augment import augment
 from training.data import SUBSET, list_samples, load_split
+from training.loop import normalise
 from training.losses import MultiTaskLoss
-from training.train import normalise
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("INFMAP_DATA", REPO.parent / "shared" / "data" / "covid-qu-ex"))
@@ -266,5 +266,13 @@ def test_evaluate_arrays_in_memory(mini_root: Path) -> None:
     m = evaluate_arrays(model, data, batch_size=3)
     assert m["n_images"] == 6 and m["counts"] == dict.fromkeys(CLASS_NAMES, 2)
     assert m["infection"]["covid"]["n_images"] == 2
+    # Same preprocessing and decision as the Val metrics training selects checkpoints by.
+    from training.train import validate
+
+    val = validate(model, data, model.config, bf16=False)
+    assert m["lungs"]["dice_mean"] == pytest.approx(val["lung_dice"], abs=1e-3)
+    assert m["infection"]["covid"]["dice_mean"] == pytest.approx(val["infection_dice_covid"],
+                                                                abs=1e-3)
+    assert m["classification"]["accuracy"] == pytest.approx(val["accuracy"])
     with pytest.raises(ValueError, match="expects 256x256"):
         predict_arrays(model, load_split(mini_root, "Test", size=64))

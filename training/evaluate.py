@@ -39,8 +39,8 @@ from sklearn.metrics import (
 
 from inference.model import CLASS_NAMES, InfMapNet, LoadedModel, ModelConfig, load_checkpoint
 from training.data import SPLITS, SplitArrays, list_samples, load_split, read_gray
+from training.loop import normalise  # the same function training.train uses
 from training.metrics import dice_iou_per_image, expected_calibration_error, pooled_dice_iou
-from training.train import normalise
 
 COVID = CLASS_NAMES.index("COVID-19")
 ECE_BINS = 15
