@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -18,6 +18,9 @@ from inference.gradcam import cam_from_features, upsample_cam
 from inference.model import LoadedModel
 from inference.preprocess import preprocess
 from inference.severity import severity as score_severity
+
+if TYPE_CHECKING:  # duck-typed at run time: anything with ``.pixels`` works
+    from inference.loading import XRay
 
 
 @dataclass
@@ -114,7 +117,7 @@ def _resolve_class(name: str | None, class_names: list[str], default: int) -> in
 
 
 def predict(
-    xray_or_pixels: Any, model: LoadedModel, gradcam_class: str | None = None
+    xray_or_pixels: XRay | np.ndarray, model: LoadedModel, gradcam_class: str | None = None
 ) -> Prediction:
     """Run the model on an ``XRay`` (its ``.pixels``) or a float32 [0, 1] 2-D array."""
     timings: dict[str, float] = {}

@@ -1,0 +1,179 @@
+"""Batch inference over files and folders -> predictions.csv and mask PNGs.
+
+    python -m inference.batch INPUT... --out DIR [--checkpoint PATH]
+
+INPUT is a file or a folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and for
+extension-less DICOM files). Writes ``DIR/predictions.csv`` (one row per input file; a file that
+cannot be read gets its message in ``error`` and the run goes on) and
+``DIR/masks/<stem>_lung.png`` / ``<stem>_infection.png`` (0/255, the input image's size). Files
+inside a sub-folder of an INPUT folder keep that sub-folder under ``masks/`` so names never clash.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path, PurePosixPath  # noqa: E402
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from inference.loading import UnsupportedImage, load_xray  # noqa: E402
+from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
+from inference.predict import Prediction, predict  # noqa: E402
+
+COLUMNS: tuple[str, ...] = (
+    "file", "predicted_class", "p_covid19", "p_non_covid", "p_normal", "infection_percent",
+    "infection_percent_left", "infection_percent_right", "severity", "error",
+)
+# CSV column -> class name in the model's class list
+PROBABILITY_COLUMNS: dict[str, str] = {
+    "p_covid19": "COVID-19", "p_non_covid": "Non-COVID", "p_normal": "Normal",
+}
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: Path
+    display: str  # the CSV ``file`` value: as given, or relative to its input folder
+    mask_key: str  # relative path without suffix, used for mask file names
+
+
+def has_dicom_magic(path: Path) -> bool:
+    """Part-10 DICOM files carry ``DICM`` after a 128-byte preamble."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _wanted(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    return suffix == "" and has_dicom_magic(path)
+
+
+def collect_inputs(inputs: Iterable[str]) -> Iterator[InputFile]:
+    """Expand INPUT arguments: files as given, folders recursively (sorted, deterministic).
+
+    A path that does not exist is still yielded so it gets a row with its error.
+    """
+    for arg in inputs:
+        root = Path(arg)
+        if root.is_dir():
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and _wanted(p)):
+                rel = PurePosixPath(path.relative_to(root).as_posix())
+                yield InputFile(path, str(rel), str(rel.with_suffix("")))
+        else:
+            yield InputFile(root, arg, root.stem or root.name)
+
+
+def _unique(key: str, used: set[str]) -> str:
+    candidate, n = key, 1
+    while candidate in used:  # e.g. a.png and a.dcm in one folder, or two inputs with one name
+        n += 1
+        candidate = f"{key}_{n}"
+    used.add(candidate)
+    return candidate
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), mask.astype(np.uint8) * 255):
+        raise OSError(f"could not write {path}")
+
+
+def prediction_row(display: str, p: Prediction) -> dict[str, str]:
+    row = {
+        "file": display,
+        "predicted_class": p.predicted_class,
+        "infection_percent": f"{p.infection_percent:.3f}",
+        "infection_percent_left": f"{p.infection_percent_left:.3f}",
+        "infection_percent_right": f"{p.infection_percent_right:.3f}",
+        "severity": p.severity,
+        "error": "",
+    }
+    for column, name in PROBABILITY_COLUMNS.items():
+        row[column] = f"{p.probabilities[name]:.6f}" if name in p.probabilities else ""
+    return row
+
+
+def error_row(display: str, message: str) -> dict[str, str]:
+    row = dict.fromkeys(COLUMNS, "")
+    row.update(file=display, error=message)
+    return row
+
+
+def process_one(item: InputFile, model: LoadedModel, masks_dir: Path, key: str) -> dict[str, str]:
+    """One file -> its CSV row; every failure becomes the row's error message."""
+    try:
+        xray = load_xray(item.path)  # also reports missing files and folders given as files
+        p = predict(xray, model)
+        _write_mask(masks_dir / f"{key}_lung.png", p.lung_mask)
+        _write_mask(masks_dir / f"{key}_infection.png", p.infection_mask)
+        return prediction_row(item.display, p)
+    except UnsupportedImage as exc:
+        return error_row(item.display, str(exc))
+    except Exception as exc:  # one bad file must not end a batch of thousands
+        return error_row(item.display, f"{type(exc).__name__}: {exc}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m inference.batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help=f"model checkpoint (default: {DEFAULT_CHECKPOINT})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = load_checkpoint(args.checkpoint)  # once, before any file is read
+    except CheckpointError as exc:
+        print(f"error: {exc} Train one (python -m training.train) or pass --checkpoint PATH.",
+              file=sys.stderr)
+        return 2
+    items = list(collect_inputs(args.inputs))
+    if not items:
+        print("error: no images found in the given inputs.", file=sys.stderr)
+        return 2
+
+    out: Path = args.out
+    masks_dir = out / "masks"
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "predictions.csv"
+    used: set[str] = set()
+    failed = 0
+    with open(csv_path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        # File names are not printed: they may carry patient identifiers.
+        for item in tqdm(items, desc="InfMap", unit="image", file=sys.stderr):
+            row = process_one(item, model, masks_dir, _unique(item.mask_key, used))
+            failed += bool(row["error"])
+            writer.writerow(row)
+            fh.flush()  # rows survive an interrupted run
+    print(f"{len(items)} images, {failed} failed -> {csv_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
