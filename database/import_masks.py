@@ -1,0 +1,235 @@
+"""Import existing X-rays and their masks as annotation versions.
+
+    python -m database.import_masks --images DIR --lung-masks DIR --infection-masks DIR \\
+        --author NAME [--status submitted|approved|draft] [--role annotator|radiologist] \\
+        [--database-url URL] [--verbose]
+
+Images are found recursively and matched to masks by file stem (``a.png`` <-> ``a.png``; when a
+stem occurs more than once, the mask whose folders share the most names with the image's wins,
+e.g. ``Train/COVID-19``). Images load through ``inference.loading.load_xray`` and are stored with
+``add_image(source="import")``; masks (0/255 PNGs) become annotation versions by ``--author``,
+resized with nearest neighbour when their size differs from the image's. Running it again is a
+no-op: a mask equal to the current head of (image, kind) is not saved again. Each image is its
+own transaction. File names are printed only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine
+
+from database import repository as repo
+from database.masks import MaskError, read_mask_file, resize_mask
+from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES, ROLES
+from database.session import init_db, session_scope
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
+MASK_SUFFIXES = {".png", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImportSummary:
+    images_new: int = 0
+    images_present: int = 0
+    versions_saved: int = 0
+    versions_unchanged: int = 0
+    masks_resized: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    resized_files: list[str] = field(default_factory=list)
+
+    def skip(self, relative: str, reason: str) -> None:
+        self.skipped[reason] += 1
+        self.skipped_files.append((relative, reason))
+
+    def lines(self, verbose: bool = False) -> list[str]:
+        out = [
+            f"Images: {self.images_new} imported, {self.images_present} already present, "
+            f"{sum(self.skipped.values())} skipped.",
+            f"Mask versions: {self.versions_saved} saved, "
+            f"{self.versions_unchanged} already present (equal to the current version).",
+        ]
+        if self.masks_resized:
+            out.append(
+                f"Resized {self.masks_resized} mask(s) to their image's size "
+                "(nearest neighbour): the mask and image sizes differed."
+            )
+            if verbose:
+                out += [f"  resized: {name}" for name in self.resized_files]
+        for reason, n in sorted(self.skipped.items()):
+            out.append(f"Skipped {n}: {reason}")
+        if verbose:
+            out += [f"  skipped: {name} ({reason})" for name, reason in self.skipped_files]
+        return out
+
+
+def _files(root: Path, suffixes: set[str]) -> list[Path]:
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+    )
+
+
+def _index(root: Path) -> dict[str, list[Path]]:
+    index: dict[str, list[Path]] = {}
+    for path in _files(root, MASK_SUFFIXES):
+        index.setdefault(path.stem, []).append(path)
+    return index
+
+
+def _match(image_rel: Path, candidates: list[Path], root: Path) -> Path | None:
+    """The candidate whose folder names overlap most with the image's; None if tied."""
+    if len(candidates) == 1:
+        return candidates[0]
+    folders = set(image_rel.parent.parts)
+    scored = sorted(
+        ((len(folders & set(c.relative_to(root).parent.parts)), c) for c in candidates),
+        key=lambda sc: -sc[0],
+    )
+    if scored[0][0] == scored[1][0]:
+        return None
+    return scored[0][1]
+
+
+def import_masks(
+    engine: Engine,
+    images_dir: Path,
+    lung_dir: Path | None,
+    infection_dir: Path | None,
+    author_name: str,
+    status: str = "submitted",
+    role: str = "annotator",
+) -> ImportSummary:
+    from inference.loading import UnsupportedImage, load_xray, xray_to_npz_bytes
+
+    if lung_dir is None and infection_dir is None:
+        raise ValueError("give at least one of the lung or infection mask folders")
+    if status in REVIEW_STATUSES and role != "radiologist":
+        raise repo.RoleError(f"only a radiologist may import masks as {status}")
+    mask_dirs = {k: d for k, d in (("lung", lung_dir), ("infection", infection_dir)) if d}
+    indexes = {kind: _index(d) for kind, d in mask_dirs.items()}
+    with session_scope(engine) as s:
+        author = repo.get_or_create_user(s, author_name, role)
+
+    summary = ImportSummary()
+    for path in _files(images_dir, IMAGE_SUFFIXES):
+        relative = path.relative_to(images_dir)
+        masks: dict[str, Path] = {}
+        for kind, index in indexes.items():
+            candidates = index.get(path.stem, [])
+            found = _match(relative, candidates, mask_dirs[kind]) if candidates else None
+            if found is None:
+                problem = "ambiguous" if candidates else "missing"
+                summary.skip(str(relative), f"{problem} {kind} mask")
+                break
+            masks[kind] = found
+        else:
+            try:
+                xray = load_xray(path)
+            except UnsupportedImage as exc:
+                summary.skip(str(relative), f"not a usable X-ray ({exc})")
+                continue
+            height, width = xray.pixels.shape[:2]
+            arrays: dict[str, np.ndarray] = {}
+            try:
+                for kind, mask_path in masks.items():
+                    mask = read_mask_file(str(mask_path))
+                    if mask.shape != (height, width):
+                        mask = resize_mask(mask, height, width)
+                        summary.masks_resized += 1
+                        summary.resized_files.append(str(mask_path.relative_to(mask_dirs[kind])))
+                    arrays[kind] = mask
+            except (MaskError, OSError):
+                summary.skip(str(relative), "unreadable mask")
+                continue
+            with session_scope(engine) as s:
+                image, created = repo.add_image(
+                    s,
+                    xray_to_npz_bytes(xray),
+                    xray.sha256,
+                    xray.source_name,
+                    xray.metadata,
+                    width,
+                    height,
+                    "import",
+                )
+                if created:
+                    summary.images_new += 1
+                else:
+                    summary.images_present += 1
+                for kind, mask in arrays.items():
+                    head = repo.head_version(s, image.id, kind)
+                    if head is not None and np.array_equal(repo.version_mask(head), mask):
+                        summary.versions_unchanged += 1
+                        continue
+                    repo.save_annotation(
+                        s,
+                        image.id,
+                        kind,
+                        mask,
+                        author,
+                        status,
+                        head.id if head is not None else None,
+                        comment="imported",
+                    )
+                    summary.versions_saved += 1
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m database.import_masks",
+        description="Import X-rays with existing lung/infection masks as annotation versions.",
+    )
+    parser.add_argument("--images", type=Path, required=True, help="folder of X-rays (recursive)")
+    parser.add_argument("--lung-masks", type=Path, help="folder of lung masks (0/255 PNG)")
+    parser.add_argument("--infection-masks", type=Path, help="folder of infection masks")
+    parser.add_argument("--author", required=True, help="user name the versions are saved as")
+    parser.add_argument("--status", default="submitted", choices=ANNOTATION_STATUSES)
+    parser.add_argument("--role", default="annotator", choices=ROLES)
+    parser.add_argument("--database-url", help="default: DATABASE_URL or data/infmap.sqlite")
+    parser.add_argument("--verbose", action="store_true", help="list skipped and resized files")
+    args = parser.parse_args(argv)
+
+    for option, folder in (
+        ("--images", args.images),
+        ("--lung-masks", args.lung_masks),
+        ("--infection-masks", args.infection_masks),
+    ):
+        if folder is not None and not folder.is_dir():
+            parser.error(f"{option}: {folder} is not a folder")
+    if args.lung_masks is None and args.infection_masks is None:
+        parser.error("give --lung-masks and/or --infection-masks")
+    if args.status in REVIEW_STATUSES and args.role != "radiologist":
+        parser.error(f"--status {args.status} needs --role radiologist")
+
+    engine = init_db(args.database_url)
+    try:
+        summary = import_masks(
+            engine,
+            args.images,
+            args.lung_masks,
+            args.infection_masks,
+            args.author,
+            args.status,
+            args.role,
+        )
+    except (ValueError, PermissionError) as exc:  # e.g. the author exists with another role
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print("\n".join(summary.lines(args.verbose)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

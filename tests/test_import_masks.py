@@ -1,0 +1,161 @@
+"""``python -m database.import_masks`` on real COVID-QU-Ex images copied to tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from database import repository as repo
+from database.import_masks import import_masks, main
+from database.masks import read_mask_file
+from database.models import AnnotationVersion, Image
+from database.session import init_db, session_scope
+
+DATA = Path("/work/shared/data/covid-qu-ex/Infection Segmentation Data")
+CASES = [  # (class folder, file) from the Test split
+    ("COVID-19", "covid_1579.png"),
+    ("COVID-19", "covid_1582.png"),
+    ("Non-COVID", "non_COVID (11905).png"),
+    ("Normal", "Normal (1).png"),
+]
+NO_INFECTION_MASK = ("COVID-19", "covid_1583.png")  # copied without its infection mask
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="COVID-QU-Ex not available")
+
+
+def _copy(rel_root: str, sub: str, cls: str, name: str, dest: Path) -> Path:
+    src = DATA / rel_root / "Test" / cls / sub / name
+    target = dest / rel_root / "Test" / cls / sub / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, target)
+    return target
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "qu-ex"
+    for cls, name in [*CASES, NO_INFECTION_MASK]:
+        _copy("Infection Segmentation Data", "images", cls, name, root)
+        _copy("Lung Masks", "lung masks", cls, name, root)
+        if (cls, name) != NO_INFECTION_MASK:
+            _copy("Infection Masks", "infection masks", cls, name, root)
+    # One lung mask at twice the image size: must be resized back (nearest neighbour).
+    big = root / "Lung Masks" / "Test" / "COVID-19" / "lung masks" / CASES[0][1]
+    mask = cv2.imread(str(big), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(big), cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
+    # Not an X-ray, though it has both masks.
+    images = root / "Infection Segmentation Data"
+    (images / "Test" / "Normal" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    for sub, kind in (("Lung Masks", "lung masks"), ("Infection Masks", "infection masks")):
+        shutil.copyfile(
+            root / sub / "Test" / "Normal" / kind / CASES[3][1],
+            root / sub / "Test" / "Normal" / kind / "broken.png",
+        )
+    (images / "README.txt").write_text("not an image")
+    return {
+        "images": images,
+        "lung": root / "Lung Masks",
+        "infection": root / "Infection Masks",
+        "db": tmp_path / "db" / "infmap.sqlite",
+    }
+
+
+def _versions(engine) -> int:
+    with session_scope(engine, write=False) as s:
+        return s.scalar(select(func.count()).select_from(AnnotationVersion))
+
+
+def test_import_real_images_then_rerun_is_idempotent(
+    dataset: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("inference.loading")
+    from inference.loading import xray_from_npz_bytes
+
+    engine = init_db(f"sqlite:///{dataset['db']}")
+    try:
+        summary = import_masks(
+            engine, dataset["images"], dataset["lung"], dataset["infection"], "importer"
+        )
+        assert (summary.images_new, summary.images_present) == (4, 0)
+        assert (summary.versions_saved, summary.versions_unchanged) == (8, 0)
+        assert summary.masks_resized == 1
+        assert summary.skipped["missing infection mask"] == 1
+        assert sum(n for r, n in summary.skipped.items() if r.startswith("not a usable")) == 1
+        assert sum(summary.skipped.values()) == 2
+        assert any("nearest neighbour" in line for line in summary.lines())
+
+        with session_scope(engine, write=False) as s:
+            images = list(s.scalars(select(Image).order_by(Image.id)))
+            assert sorted(i.display_name for i in images) == sorted(n for _, n in CASES)
+            for image in images:
+                assert image.source == "import"
+                cls = next(c for c, n in CASES if n == image.display_name)
+                xray = xray_from_npz_bytes(repo.read_image_payload(image))
+                assert xray.pixels.shape == (image.height, image.width)
+                for kind, sub in (("lung", "Lung Masks"), ("infection", "Infection Masks")):
+                    head = repo.head_version(s, image.id, kind)
+                    assert head.status == "submitted" and head.author.name == "importer"
+                    assert head.parent_id is None
+                    original = DATA / sub / "Test" / cls / f"{kind} masks" / image.display_name
+                    np.testing.assert_array_equal(
+                        repo.version_mask(head), read_mask_file(str(original))
+                    )
+
+        # Second run through the command line: nothing new.
+        url = f"sqlite:///{dataset['db']}"
+        argv = [
+            "--images", str(dataset["images"]),
+            "--lung-masks", str(dataset["lung"]),
+            "--infection-masks", str(dataset["infection"]),
+            "--author", "importer",
+            "--database-url", url,
+        ]  # fmt: skip
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "0 imported, 4 already present" in out
+        assert "0 saved, 8 already present" in out
+        assert "covid" not in out.lower()  # no file names unless --verbose
+        assert _versions(engine) == 8
+
+        # A changed mask becomes a new version on top of the previous head.
+        changed = dataset["infection"] / "Test" / "COVID-19" / "infection masks" / CASES[1][1]
+        cv2.imwrite(str(changed), np.full((256, 256), 255, np.uint8))
+        assert main([*argv, "--verbose"]) == 0
+        assert "1 saved, 7 already present" in capsys.readouterr().out
+        with session_scope(engine, write=False) as s:
+            image = s.scalar(select(Image).where(Image.display_name == CASES[1][1]))
+            chain = repo.list_versions(s, image.id, "infection")
+            assert len(chain) == 2 and chain[1].parent_id == chain[0].id
+            assert repo.version_mask(chain[1]).all()
+    finally:
+        engine.dispose()
+
+
+def test_approved_import_needs_a_radiologist(dataset: dict[str, Path]) -> None:
+    argv = [
+        "--images", str(dataset["images"]),
+        "--lung-masks", str(dataset["lung"]),
+        "--author", "importer",
+        "--status", "approved",
+        "--database-url", f"sqlite:///{dataset['db']}",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert not dataset["db"].exists()  # refused before opening the database
+
+    pytest.importorskip("inference.loading")
+    assert main([*argv, "--role", "radiologist"]) == 0
+    engine = init_db(f"sqlite:///{dataset['db']}")
+    try:
+        with session_scope(engine, write=False) as s:
+            heads = [repo.head_version(s, i.id, "lung") for i in s.scalars(select(Image))]
+            assert len(heads) == 5  # lung only: the image without an infection mask counts too
+            assert all(h.status == "approved" and h.author.role == "radiologist" for h in heads)
+    finally:
+        engine.dispose()
