@@ -1,0 +1,97 @@
+"""InfMap: chest X-ray review with a UNet++ model beside the radiologist.
+
+``streamlit run app.py``. This file sets the page up, runs the first-start bootstrap (database,
+shipped model version, bundled samples), asks who the user is (sidebar) and routes to the pages.
+To add a page, append an ``st.Page`` to ``PAGES`` (or drop ``pages/models.py`` in: it is picked
+up automatically, see ``OPTIONAL_PAGES``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+
+from pathlib import Path  # noqa: E402
+
+import streamlit as st  # noqa: E402
+
+from pages import common  # noqa: E402
+from services import identity, studies  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+PAGES = [
+    st.Page("pages/worklist.py", title="Worklist", icon=":material/list_alt:", default=True),
+    st.Page("pages/review.py", title="Review", icon=":material/radiology:", url_path="review"),
+    st.Page("pages/correction.py", title="Correction", icon=":material/brush:", url_path="correct"),
+]
+# Pages other engineers add later: listed here, shown only once their file exists.
+OPTIONAL_PAGES = [
+    ("pages/models.py", "Models", ":material/model_training:", "models"),
+]
+
+
+def _sign_in() -> None:
+    """Form callback (runs before the script, so the page renders signed in at once)."""
+    try:
+        identity.sign_in(
+            st.session_state,
+            st.session_state.get("identity.name", ""),
+            st.session_state.get("identity.role", identity.ROLES[0]),
+            common.db,
+        )
+    except ValueError as exc:  # IdentityError, or the name exists with another role
+        st.session_state["identity.error"] = str(exc)
+    else:
+        st.session_state.pop("identity.error", None)
+
+
+def identity_sidebar() -> None:
+    """Name + role before any edit. The seam for a real log-in is services.identity."""
+    with st.sidebar:
+        user = common.user()
+        if user is not None:
+            st.success(f"Signed in as {user.name} ({user.role})", icon=":material/person:")
+            st.button(
+                "Sign out",
+                key="identity.sign_out",
+                on_click=identity.sign_out,
+                args=(st.session_state,),
+            )
+            return
+        st.markdown("**Who are you?** Needed before any edit.")
+        with st.form("identity", border=False):
+            st.text_input("Your name", max_chars=identity.MAX_NAME, key="identity.name")
+            st.selectbox(
+                "Role",
+                identity.ROLES,
+                key="identity.role",
+                help="; ".join(f"{r}: {h}" for r, h in identity.ROLE_HELP.items()),
+            )
+            st.form_submit_button("Sign in", on_click=_sign_in)
+        if st.session_state.get("identity.error"):
+            st.error(st.session_state["identity.error"])
+
+
+def main() -> None:
+    st.set_page_config(page_title="InfMap", page_icon=":material/pulmonology:", layout="wide")
+    pages = list(PAGES)
+    for path, title, icon, url in OPTIONAL_PAGES:
+        if (HERE / path).is_file():
+            pages.append(st.Page(path, title=title, icon=icon, url_path=url))
+    navigation = st.navigation(pages)
+    try:
+        common.bootstrap()
+    except Exception as exc:  # no traceback in the UI; the server log has it
+        common.log.exception("bootstrap failed")
+        st.error(f"InfMap could not open its database or model ({type(exc).__name__}: {exc}).")
+        st.stop()
+    identity_sidebar()
+    with st.sidebar:
+        model = studies.active_model(common.db)
+        st.caption(f"Model version: {model.version if model else 'none'}")
+    navigation.run()
+
+
+main()

@@ -1,0 +1,199 @@
+"""Streamlit glue shared by the pages: cached resources, the selected study, small widgets.
+
+Not a page itself (``app.py`` lists the pages). Caching:
+- ``st.cache_resource``: the database engine (per ``DATABASE_URL``), the model (per checkpoint
+  file and hash), the first-start bootstrap (once per process and database).
+- ``st.cache_data``: per-image results keyed by (sha256, model version[, class]): the stored
+  X-ray, the stored prediction, Grad-CAM, thumbnails. Studies and versions never change once
+  stored, so these never go stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from database.session import init_db, session_scope
+from inference.loading import XRay
+from inference.model import CheckpointError, LoadedModel, load_checkpoint
+from services import bootstrap as boot
+from services import identity, runtime, studies
+
+log = logging.getLogger("infmap.app")
+
+STUDY_KEY = "infmap.study_id"
+VISITED_KEY = "infmap.visited"
+DISCLAIMER = (
+    "Decision support only: InfMap's masks, class probabilities, severity and Grad-CAM support "
+    "a radiologist's reading; they do not replace it. Not a diagnosis."
+)
+
+
+# ----------------------------------------------------------------------------- resources
+@st.cache_resource(show_spinner=False)
+def _engine(url: str) -> Engine:
+    return init_db(url)
+
+
+def engine() -> Engine:
+    return _engine(runtime.database_url())
+
+
+@contextmanager
+def db(write: bool = True) -> Iterator[Session]:
+    """A session in one transaction on the app's database (the services' ``scope``)."""
+    with session_scope(engine(), write=write) as session:
+        yield session
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=3)
+def _load_model(path: str, mtime_ns: int) -> LoadedModel:
+    return load_checkpoint(path)
+
+
+def load_model(path: str | Path) -> LoadedModel:
+    """The network for a checkpoint file, loaded once per file version (path + mtime)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No model checkpoint at {path}.")
+    return _load_model(str(path), path.stat().st_mtime_ns)
+
+
+@st.cache_resource(show_spinner=False)
+def _bootstrap(url: str, checkpoint: str, samples: str) -> boot.BootstrapReport:
+    return boot.bootstrap(db, Path(checkpoint), Path(samples), load_model)
+
+
+def bootstrap() -> boot.BootstrapReport:
+    with st.spinner("First start: preparing the database, the model and the sample cases..."):
+        return _bootstrap(
+            runtime.database_url(), str(runtime.checkpoint_path()), str(runtime.samples_dir())
+        )
+
+
+def active_model() -> tuple[studies.ModelInfo | None, LoadedModel | None, str | None]:
+    """(registered active version, its loaded network, a message when it is unusable)."""
+    info = studies.active_model(db)
+    if info is None:
+        report = bootstrap()
+        return None, None, report.model_message or "No model version is registered."
+    try:
+        return info, load_model(info.checkpoint_path), None
+    except CheckpointError as exc:
+        return info, None, f"The active model {info.version} cannot be loaded: {exc}"
+
+
+# ----------------------------------------------------------------------------- per-image data
+@st.cache_resource(show_spinner=False, max_entries=8)
+def xray_for(sha256: str, image_id: int) -> XRay:
+    """The stored X-ray (shared, read-only: full-size arrays are not copied on every rerun)."""
+    return studies.load_xray_payload(db, image_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def prediction_for(
+    sha256: str, model_version: str, image_id: int, _model: studies.ModelInfo
+) -> studies.PredictionView | None:
+    info = _model
+    loaded = None
+    with suppress(CheckpointError):
+        loaded = load_model(info.checkpoint_path)
+    with st.spinner("Running the model on this study..."):
+        return studies.prediction_for(db, image_id, info, loaded)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def gradcam_for(
+    sha256: str, model_version: str, class_name: str, image_id: int, _checkpoint: str
+) -> np.ndarray:
+    return studies.gradcam_for(
+        xray_for(sha256, image_id).pixels, load_model(_checkpoint), class_name
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def thumbnail(sha256: str, image_id: int) -> str | None:
+    try:
+        return studies.thumbnail(db, image_id)
+    except Exception:  # a missing payload must not break the worklist
+        log.exception("thumbnail failed for image %s", image_id)
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _version_mask(database_url: str, version_id: int) -> np.ndarray:
+    return studies.version_mask(db, version_id)
+
+
+def version_mask(version_id: int) -> np.ndarray:
+    """A saved version's mask (versions are append-only: cached for good)."""
+    return _version_mask(runtime.database_url(), version_id)
+
+
+# ----------------------------------------------------------------------------- selection
+def user() -> identity.Identity | None:
+    return identity.current_user(st.session_state)
+
+
+def select_study(image_id: int) -> None:
+    st.session_state[STUDY_KEY] = int(image_id)
+    visited = st.session_state.setdefault(VISITED_KEY, [])
+    if image_id not in visited:
+        visited.append(int(image_id))
+    st.query_params["study"] = str(image_id)
+
+
+def selected_study_id() -> int | None:
+    value = st.session_state.get(STUDY_KEY)
+    if value is None:
+        raw = st.query_params.get("study")
+        if raw and raw.isdigit():
+            value = int(raw)
+            st.session_state[STUDY_KEY] = value
+    return int(value) if value is not None else None
+
+
+def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
+    """The selected study, with a select box to switch; None (and a hint) if there is none."""
+    rows = studies.worklist(db)
+    if not rows:
+        st.info("No studies yet: upload one on the Worklist page.")
+        return None
+    ids = [r.image_id for r in rows]
+    names = {r.image_id: r.display_name for r in rows}
+    if current not in names:
+        current = ids[0]
+    chosen = st.selectbox(
+        "Study",
+        ids,
+        index=ids.index(current),
+        format_func=lambda i: f"#{i} · {names[i]}",
+        key=key,
+    )
+    if chosen != st.session_state.get(STUDY_KEY):
+        select_study(chosen)
+    info = studies.study_info(db, chosen)
+    if info is None:
+        st.error("This study no longer exists.")
+    return info
+
+
+def model_notice(message: str | None) -> None:
+    if message:
+        st.warning(message, icon=":material/warning:")
+
+
+def disclaimer() -> None:
+    st.caption(f":material/info: {DISCLAIMER}")
+
+
+def fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""

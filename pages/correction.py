@@ -1,0 +1,312 @@
+"""Correction: edit the lung or infection mask on the X-ray, save versions, review them.
+
+The canvas shows the X-ray with the mask being edited composited underneath; strokes in the add
+colour add, strokes in the erase colour remove (services.masks). What is being edited lives in
+the session state per (study, mask kind): the version it is drawn on (``parent``, what the
+repository checks for concurrent saves), the mask it starts from (``base``: the model's mask or
+a saved version) and a nonce that gives the canvas a fresh key (an empty drawing) after a save,
+a reset or loading another version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+from streamlit_drawable_canvas import st_canvas
+
+from inference.overlay import INFECTION_COLOR, LUNG_COLOR
+from pages import common
+from services import display, identity, masks, studies
+
+WORK = "correction.work"
+FLASH = "correction.flash"
+TOOLS = {
+    "Brush: add": ("freedraw", masks.ADD_COLOR),
+    "Brush: erase": ("freedraw", masks.ERASE_COLOR),
+    "Polygon: add": ("polygon", masks.ADD_COLOR),
+    "Polygon: erase": ("polygon", masks.ERASE_COLOR),
+}
+MODEL = "model"
+
+
+@dataclass
+class Work:
+    parent: int | None  # the head this edit is drawn on (None: no human version yet)
+    base: int | str  # MODEL or a version id: the mask the strokes apply to
+    nonce: int = 0
+
+
+def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
+    store = st.session_state.setdefault(WORK, {})
+    key = f"{image_id}:{kind}"
+    if key not in store:
+        store[key] = Work(parent=head.id if head else None, base=head.id if head else MODEL)
+    return store[key]
+
+
+def restart(work: Work, parent: int | None, base: int | str) -> None:
+    work.parent, work.base, work.nonce = parent, base, work.nonce + 1
+
+
+def flash(kind: str, text: str, conflict: int | None = None) -> None:
+    st.session_state[FLASH] = {"kind": kind, "text": text, "conflict": conflict}
+
+
+def show_flash(work: Work, head: studies.VersionInfo | None) -> None:
+    note = st.session_state.get(FLASH)
+    if not note:
+        return
+    if note["kind"] == "success":
+        st.success(note["text"], icon=":material/check_circle:")
+    else:
+        st.error(note["text"], icon=":material/block:")
+    conflict = note.get("conflict")
+    if conflict is not None:
+        st.info(
+            f"Nothing is lost: your refused mask is saved as your draft version {conflict} "
+            "(conflict draft, in the history below). Continue from it on top of the latest "
+            "version to merge, or start again from the latest version.",
+            icon=":material/save:",
+        )
+        c1, c2, _ = st.columns([2, 2, 3])
+        if c1.button("Continue from my draft", key="correction.merge_draft", type="primary"):
+            restart(work, head.id if head else None, conflict)
+            st.session_state.pop(FLASH, None)
+            st.rerun()
+        if c2.button("Start from the latest version", key="correction.take_latest"):
+            restart(work, head.id if head else None, head.id if head else MODEL)
+            st.session_state.pop(FLASH, None)
+            st.rerun()
+
+
+def base_mask(work: Work, model_mask: np.ndarray) -> np.ndarray:
+    return model_mask if work.base == MODEL else common.version_mask(int(work.base))
+
+
+def base_label(work: Work) -> str:
+    return "the model's mask" if work.base == MODEL else f"version {work.base}"
+
+
+def other_mask(image_id: int, kind: str, pred: studies.PredictionView) -> np.ndarray:
+    """The current mask of the other kind (latest human version, else the model's)."""
+    head = studies.head_version(common.db, image_id, kind)
+    if head is not None:
+        return common.version_mask(head.id)
+    return pred.lung_mask if kind == "lung" else pred.infection_mask
+
+
+def save(
+    info: studies.StudyInfo,
+    kind: str,
+    work: Work,
+    edited: np.ndarray,
+    changed: bool,
+    head: studies.VersionInfo | None,
+    user: identity.Identity,
+    status: str,
+    comment: str,
+    prediction_id: int,
+) -> None:
+    """Save a version (or, for an unchanged head, record the review) and remember the outcome."""
+    if status in ("approved", "returned") and not changed and head is not None:
+        action = "approve" if status == "approved" else "return"
+        outcome = studies.review_head(
+            common.db, info.image_id, kind, user.user_id, action, work.parent, comment
+        )
+    else:
+        if status == "returned" and not (comment or "").strip():
+            flash("error", "Say what needs changing: a comment is required to send back.")
+            return
+        outcome = studies.save_mask(
+            common.db, info.image_id, kind, edited, user.user_id, status, work.parent,
+            comment, prediction_id,
+        )  # fmt: skip
+    if outcome.ok:
+        restart(work, outcome.version_id, outcome.version_id)
+        flash("success", outcome.message)
+    else:
+        flash("error", outcome.message, conflict=outcome.version_id)
+
+
+def history(
+    info: studies.StudyInfo,
+    kind: str,
+    work: Work,
+    head: studies.VersionInfo | None,
+    model_mask: np.ndarray,
+    color: tuple[int, int, int],
+    pixels: np.ndarray,
+    can_edit: bool,
+) -> None:
+    st.subheader("Version history")
+    versions = studies.list_versions(common.db, info.image_id, kind)
+    if not versions:
+        st.caption("No saved versions yet: the model's mask is the starting point.")
+        return
+    saved = {v.id: common.version_mask(v.id) for v in versions}
+    st.dataframe(
+        studies.version_table(versions, saved, model_mask),
+        hide_index=True,
+        key=f"correction.history.{kind}",
+    )
+    options = [MODEL] + [v.id for v in reversed(versions)]
+    by_id = {v.id: v for v in versions}
+
+    def label(o: int | str) -> str:
+        if o == MODEL:
+            return "Model's mask"
+        v = by_id[int(o)]
+        extra = " · conflict draft" if v.conflict else ""
+        return f"Version {v.id} · {v.status}{extra} · {v.author} · {common.fmt_time(v.created)}"
+
+    col_pick, col_view = st.columns([2, 3])
+    with col_pick:
+        chosen = st.selectbox(
+            "View a version", options, format_func=label, key=f"correction.view.{kind}"
+        )
+        mask = model_mask if chosen == MODEL else saved[int(chosen)]
+        st.metric("Dice vs model", f"{masks.dice(mask, model_mask):.3f}")
+        if chosen != MODEL and by_id[int(chosen)].comment:
+            st.markdown(f"Comment: _{by_id[int(chosen)].comment}_")
+        if can_edit and st.button(
+            "Continue editing from this version", key=f"correction.load.{kind}"
+        ):
+            restart(work, head.id if head else None, chosen)
+            st.rerun()
+    with col_view:
+        h, w = masks.canvas_size(*mask.shape, max_side=384)
+        st.image(
+            display.mask_on_xray(pixels, mask, color, 0.45, size=(h, w)),
+            caption=label(chosen),
+        )
+
+
+def main() -> None:
+    st.title("Correction")
+    info = common.study_picker(common.selected_study_id(), key="correction.study")
+    if info is None:
+        return
+    user = common.user()
+    can_edit = identity.can_edit(user)
+    if not can_edit:
+        st.warning(
+            "Sign in first (sidebar: your name and role): edits and saves carry your name.",
+            icon=":material/lock:",
+        )
+    model, _loaded, message = common.active_model()
+    common.model_notice(message)
+    pred = (
+        common.prediction_for(info.sha256, model.version, info.image_id, model)
+        if model is not None
+        else None
+    )
+    if pred is None:
+        st.warning("There is no model mask for this study yet, so there is nothing to correct.")
+        return
+    xray = common.xray_for(info.sha256, info.image_id)
+
+    kind = st.radio(
+        "Mask", studies.MASK_KINDS, format_func=studies.KIND_LABELS.get, horizontal=True,
+        key="correction.kind",
+    )  # fmt: skip
+    color = LUNG_COLOR if kind == "lung" else INFECTION_COLOR
+    model_mask = pred.lung_mask if kind == "lung" else pred.infection_mask
+    head = studies.head_version(common.db, info.image_id, kind)
+    work = work_for(info.image_id, kind, head)
+    show_flash(work, head)
+    if head is not None and head.id != work.parent:
+        st.warning(
+            f"{head.author} saved version {head.id} ({head.status}) at "
+            f"{common.fmt_time(head.created)}, after the version you are editing on. "
+            "Saving now will be refused; your edit would be kept as a conflict draft.",
+            icon=":material/sync_problem:",
+        )
+
+    t1, t2, t3, t4 = st.columns([4, 2, 2, 2], vertical_alignment="bottom")
+    with t1:
+        tool = st.radio("Tool", list(TOOLS), horizontal=True, key="correction.tool")
+    with t2:
+        brush = st.slider("Brush size", 2, 80, 24, key="correction.brush")
+    with t3:
+        opacity = st.slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="correction.opacity")
+    with t4:
+        if st.button("Reset to the model's mask", disabled=not can_edit, key="correction.reset"):
+            restart(work, head.id if head else None, MODEL)
+            st.session_state.pop(FLASH, None)
+            st.rerun()
+    mode, stroke = TOOLS[tool]
+
+    start = base_mask(work, model_mask)
+    ch, cw = masks.canvas_size(*start.shape)
+    background = Image.fromarray(display.mask_on_xray(xray.pixels, start, color, opacity, (ch, cw)))
+    left, right = st.columns([3, 2])
+    with left:
+        st.caption(
+            f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {base_label(work)}. "
+            "Green strokes add, magenta strokes erase; a polygon closes when you click its "
+            "first point. Undo, redo and clear are in the canvas toolbar (hover its top edge)."
+        )
+        result = st_canvas(
+            fill_color=masks.canvas_color(stroke),
+            stroke_width=brush if mode == "freedraw" else 2,
+            stroke_color=masks.canvas_color(stroke),
+            background_image=background,
+            height=ch,
+            width=cw,
+            drawing_mode=mode,
+            return_image_data=True,
+            disabled=not can_edit,
+            key=f"correction.canvas.{info.image_id}.{kind}.{work.nonce}",
+        )
+    strokes = result.image_data if can_edit else None
+    edited = masks.composite_strokes(start, strokes)
+    changed = masks.has_strokes(strokes) or work.base != (head.id if head else MODEL)
+
+    lung = edited if kind == "lung" else other_mask(info.image_id, "lung", pred)
+    infection = edited if kind == "infection" else other_mask(info.image_id, "infection", pred)
+    summary = studies.infection_summary(lung, infection)
+    with right:
+        st.image(
+            display.mask_on_xray(xray.pixels, edited, color, 0.45, size=(ch * 3 // 5, cw * 3 // 5)),
+            caption="Result: the mask that will be saved",
+        )
+        m1, m2 = st.columns(2)
+        m1.metric("Dice vs model", f"{masks.dice(edited, model_mask):.3f}")
+        m2.metric("Changed pixels", f"{masks.changed_pixels(edited, start):,}")
+        m3, m4, m5 = st.columns(3)
+        m3.metric("Infection", f"{summary.percent:.1f} %")
+        m4.metric("Right lung", f"{summary.percent_right:.1f} %")
+        m5.metric("Left lung", f"{summary.percent_left:.1f} %")
+        st.caption(
+            f"Severity {summary.severity} ({summary.severity_score}/8), {summary.scale}. "
+            "Patient's left/right."
+        )
+
+    st.subheader("Save")
+    comment = st.text_input(
+        "Comment (required to send back)", key=f"correction.comment.{kind}", disabled=not can_edit
+    )
+    buttons = st.columns(4)
+    actions = [("Save draft", "draft"), ("Submit for review", "submitted")]
+    if identity.can_review(user):
+        actions += [("Approve", "approved"), ("Send back", "returned")]
+    for col, (label, status) in zip(buttons, actions, strict=False):
+        if col.button(
+            label,
+            key=f"correction.save.{status}",
+            disabled=not can_edit,
+            type="primary" if status in ("submitted", "approved") else "secondary",
+        ):
+            save(info, kind, work, edited, changed, head, user, status, comment, pred.prediction_id)
+            st.rerun()
+    if not identity.can_review(user):
+        st.caption("Approve and Send back are for radiologists.")
+
+    st.divider()
+    history(info, kind, work, head, model_mask, color, xray.pixels, can_edit)
+
+
+main()

@@ -1,0 +1,178 @@
+"""Review: the X-ray and the model's lung mask, infection mask and Grad-CAM side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from inference.loading import apply_window
+from pages import common
+from services import display, studies
+
+PLOTLY_CONFIG = {
+    "scrollZoom": True,
+    "displaylogo": False,
+    "modeBarButtonsToRemove": ["select2d", "lasso2d", "toImage"],
+}
+MANUAL = "Manual"
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def display_base(sha256: str, image_id: int) -> dict[str, np.ndarray | None]:
+    """The X-ray reduced to the display grid once: raw (for window/level) and default pixels."""
+    xray = common.xray_for(sha256, image_id)
+    grid = display.DisplayGrid.for_shape(*xray.pixels.shape)
+    return {
+        "pixels": grid.image(xray.pixels),
+        "raw": None if xray.raw is None else grid.image(xray.raw.astype(np.float32)),
+    }
+
+
+def window_controls(xray: object, sha256: str) -> tuple[float, float] | None:
+    """Window/level widgets for DICOM; returns (centre, width) in raw units or None."""
+    if xray.raw is None:
+        st.caption("Window/level: DICOM studies only (this one is an 8-bit image).")
+        return None
+    presets = display.window_presets(xray.raw, xray.window, xray.invert)
+    choice = st.selectbox(
+        "Window preset",
+        [*presets, MANUAL],
+        key=f"review.preset.{sha256}",
+        help="Header: the file's own window. Lung / Mediastinum / Bone / Full range are set "
+        "relative to this image's raw value range (X-rays have no Hounsfield units).",
+    )
+    centre, width = presets.get(choice, next(iter(presets.values())))
+    if choice == MANUAL:
+        lo, hi = display.raw_range(xray.raw)
+        span = max(hi - lo, 1.0)
+        c1, c2 = st.columns(2)
+        centre = c1.number_input(
+            "Centre",
+            value=float(round((lo + hi) / 2, 1)),
+            step=span / 50,
+            key=f"review.centre.{sha256}",
+        )
+        width = c2.number_input(
+            "Width",
+            min_value=1.0,
+            value=float(round(span, 1)),
+            step=span / 50,
+            key=f"review.width.{sha256}",
+        )
+    st.caption(f"Centre {centre:.0f}, width {width:.0f} (raw units)")
+    return float(centre), float(width)
+
+
+def facts(info: studies.StudyInfo, pred: studies.PredictionView, model_version: str) -> None:
+    left, mid, right = st.columns([4, 4, 3])
+    with left:
+        st.subheader("Class probabilities")
+        st.plotly_chart(
+            display.probabilities_figure(pred.probabilities),
+            key="review.probabilities",
+            config={"displayModeBar": False},
+        )
+        st.markdown(
+            f"Predicted: **{pred.predicted_class}** ({pred.confidence:.1%})  \n"
+            f"Uncertainty: {pred.uncertainty:.3f} bits (mean entropy inside the lungs)"
+        )
+    with mid:
+        st.subheader("Infection")
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Both lungs", f"{pred.infection_percent:.1f} %")
+        m2.metric("Patient's right", f"{pred.infection_percent_right:.1f} %")
+        m3.metric("Patient's left", f"{pred.infection_percent_left:.1f} %")
+        st.metric("Severity", f"{pred.severity} · {pred.severity_score}/8")
+        st.caption(
+            f"Scale: {studies.SCALE_NAME}. Per lung 0-4 by infected share (<1 % noise floor, "
+            "<25, 25-50, 50-75, >75 %), summed 0-8; bands: none 0, mild 1-2, moderate 3-5, "
+            "severe 6-8. Patient's left is the image's right on a frontal view."
+        )
+    with right:
+        st.subheader("Study")
+        st.markdown(f"Model version: **{model_version}**  \nStudy: #{info.image_id}")
+        summary = {k: v for k, v in info.metadata.items() if v not in (None, "", [])}
+        summary.setdefault("rows", info.height)
+        summary.setdefault("columns", info.width)
+        st.dataframe(
+            [{"field": k, "value": str(v)} for k, v in summary.items()],
+            hide_index=True,
+            key="review.header",
+        )
+        st.caption("De-identified summary: no names, dates of birth or IDs are kept.")
+
+
+def main() -> None:
+    st.title("Review")
+    info = common.study_picker(common.selected_study_id(), key="review.study")
+    if info is None:
+        return
+    st.info(common.DISCLAIMER, icon=":material/info:")
+    model, loaded, message = common.active_model()
+    common.model_notice(message)
+    try:
+        xray = common.xray_for(info.sha256, info.image_id)
+    except Exception as exc:  # a missing or corrupt payload: say so, no traceback
+        common.log.exception("cannot read study %s", info.image_id)
+        st.error(f"The stored image of this study cannot be read ({exc}).")
+        return
+    pred = (
+        common.prediction_for(info.sha256, model.version, info.image_id, model)
+        if model is not None
+        else None
+    )
+
+    controls = st.columns([3, 3, 3, 2], vertical_alignment="bottom")
+    with controls[0]:
+        opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="review.opacity")
+    with controls[1]:
+        window = window_controls(xray, info.sha256)
+    with controls[2]:
+        class_names = list(pred.probabilities) if pred is not None else []
+        cam_class = st.selectbox(
+            "Grad-CAM explains",
+            class_names,
+            index=class_names.index(pred.predicted_class) if pred is not None else None,
+            key=f"review.cam_class.{info.sha256}",
+            disabled=pred is None or loaded is None,
+            help="Which class's evidence the heat map shows (default: the predicted class).",
+        )
+    with controls[3]:
+        if st.button("Correct masks", icon=":material/brush:", type="primary"):
+            common.select_study(info.image_id)
+            st.switch_page("pages/correction.py")
+
+    base = display_base(info.sha256, info.image_id)
+    grid = display.DisplayGrid.for_shape(*xray.pixels.shape)
+    pixels = base["pixels"]
+    if window is not None and base["raw"] is not None:
+        pixels = apply_window(base["raw"], window[0], window[1], xray.invert)
+
+    titles = list(display.PANEL_TITLES)
+    if pred is None:
+        empty = np.zeros(xray.pixels.shape, bool)
+        lung, infection, cam = empty, empty, np.zeros(grid.shape, np.float32)
+        titles[1:] = [f"{t} (no prediction)" for t in titles[1:]]
+    else:
+        lung, infection = pred.lung_mask, pred.infection_mask
+        if loaded is not None and cam_class:
+            cam = common.gradcam_for(
+                info.sha256, model.version, cam_class, info.image_id, model.checkpoint_path
+            )
+            titles[3] = f"Grad-CAM: {cam_class}"
+        else:
+            cam = np.zeros(grid.shape, np.float32)
+            titles[3] = "Grad-CAM (model not loaded)"
+    panels = display.panel_images(pixels, lung, infection, cam, opacity, grid)
+    fig = display.panels_figure(panels, grid, tuple(titles))
+    fig.update_layout(uirevision=f"panels-{info.image_id}")
+    st.plotly_chart(fig, key="review.panels", config=PLOTLY_CONFIG)
+    st.caption("Scroll to zoom, drag to pan: all four panels move together. Double-click to reset.")
+
+    if pred is None:
+        st.warning("No prediction for this study yet (no usable model).")
+        return
+    facts(info, pred, model.version)
+
+
+main()

@@ -1,0 +1,174 @@
+"""Worklist (default page): every study with its prediction and review status; uploads."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from inference.model import CLASS_NAMES
+from pages import common
+from services import ingest, studies
+
+UPLOAD_NONCE = "worklist.upload_nonce"
+UPLOAD_RESULTS = "worklist.upload_results"
+PICK = "worklist.pick"
+LAST_SELECTION = "worklist.last_selection"
+
+
+def open_study(image_id: int, page: str = "pages/review.py") -> None:
+    common.select_study(image_id)
+    st.switch_page(page)
+
+
+def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> None:
+    nonce = st.session_state.setdefault(UPLOAD_NONCE, 0)
+    files = st.file_uploader(
+        "Upload chest X-rays: DICOM, PNG or JPEG, one or many",
+        accept_multiple_files=True,
+        key=f"worklist.uploader.{nonce}",
+        help="Each file is stored once (by content) and predicted once per model version. "
+        "The format is recognised from the content, not the file name.",
+    )
+    if files:
+        handles = (
+            [ingest.ModelHandle(model.id, model.version, loaded)]
+            if model is not None and loaded is not None
+            else []
+        )
+        outcomes = []
+        progress = st.progress(0.0)
+        for i, f in enumerate(files, start=1):
+            progress.progress((i - 1) / len(files), text=f"Analysing {f.name} ({i}/{len(files)})")
+            outcomes.append(ingest.ingest_file(common.db, f.getvalue(), f.name, handles))
+        progress.empty()
+        st.session_state[UPLOAD_RESULTS] = outcomes
+        st.session_state[UPLOAD_NONCE] = nonce + 1  # a fresh, empty uploader
+        st.rerun()
+
+    outcomes = st.session_state.get(UPLOAD_RESULTS, [])
+    for n, o in enumerate(outcomes):
+        if not o.ok:
+            st.error(f"**{o.name}** was not added: {o.error}", icon=":material/error:")
+            continue
+        cols = st.columns([6, 1], vertical_alignment="center")
+        with cols[0]:
+            if o.created:
+                ran = f" Predicted by model {', '.join(o.predicted)}." if o.predicted else ""
+                st.success(f"**{o.name}** added as study #{o.image_id}.{ran}")
+            else:
+                st.info(
+                    f"**{o.name}** is already study #{o.image_id} (same file content): "
+                    "not stored or predicted again."
+                )
+        with cols[1]:
+            if st.button("Review", key=f"worklist.open_upload.{n}", icon=":material/visibility:"):
+                open_study(o.image_id)
+    if outcomes and st.button("Clear messages", key="worklist.clear_results"):
+        st.session_state[UPLOAD_RESULTS] = []
+        st.rerun()
+
+
+def worklist_table(rows: list) -> int | None:
+    """The table; returns the study picked by a row click (None when nothing new)."""
+    records = studies.worklist_records(rows)
+    shas = studies.image_sha256s(common.db, [r.image_id for r in rows])
+    for rec, row in zip(records, rows, strict=True):
+        rec["thumbnail"] = common.thumbnail(shas[row.image_id], row.image_id)
+    frame = pd.DataFrame.from_records(records)
+    columns = [
+        "thumbnail", "study", "class", "confidence", "infection %", "severity", "status",
+        "last touched by", "last touched (UTC)", "uncertainty", "added (UTC)",
+    ]  # fmt: skip
+    event = st.dataframe(
+        frame,
+        column_order=columns,
+        hide_index=True,
+        row_height=64,
+        on_select="rerun",
+        selection_mode="single-row",
+        key="worklist.table",
+        column_config={
+            "thumbnail": st.column_config.ImageColumn("X-ray", width="small"),
+            "study": st.column_config.TextColumn("Study", width="medium"),
+            "class": st.column_config.TextColumn("Predicted class"),
+            "confidence": st.column_config.ProgressColumn(
+                "Confidence", min_value=0.0, max_value=1.0, format="percent"
+            ),
+            "infection %": st.column_config.NumberColumn("Infection %", format="%.1f %%"),
+            "severity": st.column_config.TextColumn(
+                "Severity", help="CXR extent score 0-8 (modified RALE, Wong et al. 2020)"
+            ),
+            "uncertainty": st.column_config.NumberColumn(
+                "Uncertainty", format="%.3f", help="Mean binary entropy (bits) inside the lungs"
+            ),
+            "status": st.column_config.TextColumn("Status"),
+        },
+    )
+    selected = list(event.selection.rows) if event is not None else []
+    picked = int(frame.iloc[selected[0]]["id"]) if selected else None
+    if picked != st.session_state.get(LAST_SELECTION):
+        st.session_state[LAST_SELECTION] = picked
+        return picked
+    return None
+
+
+def main() -> None:
+    st.title("Worklist")
+    model, loaded, message = common.active_model()
+    common.model_notice(message)
+
+    with st.expander("Add studies", expanded=True, icon=":material/upload_file:"):
+        upload_section(model, loaded)
+
+    f1, f2, f3, f4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
+    with f1:
+        statuses = st.multiselect(
+            "Status", studies.WORKLIST_STATUSES, key="worklist.status", placeholder="All"
+        )
+    with f2:
+        classes = st.multiselect(
+            "Predicted class", CLASS_NAMES, key="worklist.class", placeholder="All"
+        )
+    with f3:
+        sort_label = st.selectbox("Sort", list(studies.SORTS), key="worklist.sort")
+    with f4:
+        if st.button("Next study to review", type="primary", icon=":material/skip_next:"):
+            visited = st.session_state.get(common.VISITED_KEY, [])
+            nxt = studies.next_to_review(common.db, exclude=visited)
+            if nxt is None:
+                st.toast("Nothing left to review: no new or submitted studies.")
+            else:
+                open_study(nxt)
+
+    rows = studies.worklist(common.db, statuses, classes, studies.SORTS[sort_label])
+    total = len(studies.worklist(common.db)) if (statuses or classes) else len(rows)
+    st.caption(f"{len(rows)} of {total} studies")
+    if not rows:
+        st.info("No studies match these filters." if total else "No studies yet: upload one.")
+        return
+
+    picked = worklist_table(rows)
+    if picked is not None:
+        st.session_state[PICK] = picked
+
+    ids = [r.image_id for r in rows]
+    names = {r.image_id: r.display_name for r in rows}
+    if st.session_state.get(PICK) not in names:
+        st.session_state.pop(PICK, None)
+    c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
+    with c1:
+        chosen = st.selectbox(
+            "Open a study (or click a row)",
+            ids,
+            format_func=lambda i: f"#{i} · {names[i]}",
+            key=PICK,
+        )
+    with c2:
+        if st.button("Review", icon=":material/visibility:", key="worklist.review"):
+            open_study(chosen)
+    with c3:
+        if st.button("Correct masks", icon=":material/brush:", key="worklist.correct"):
+            open_study(chosen, "pages/correction.py")
+
+
+main()

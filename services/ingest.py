@@ -1,0 +1,109 @@
+"""An uploaded file -> a stored study -> one prediction per active model version.
+
+``ingest_file`` never raises for bad input: the outcome says what happened, with the loader's
+human message when the file is refused, so one bad file in a batch does not stop the others.
+Each file is stored once (the original bytes' sha256) and predicted once per model version; the
+model runs outside any write transaction so other users' saves are not held up by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from database import repository as repo
+from inference.loading import UnsupportedImage, XRay, load_xray, xray_to_npz_bytes
+from inference.model import LoadedModel
+from inference.predict import predict
+
+log = logging.getLogger(__name__)
+
+SessionFactory = Callable[..., AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A registered model version and the loaded network that produces its predictions."""
+
+    version_id: int
+    version: str
+    model: LoadedModel
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    name: str
+    image_id: int | None = None
+    created: bool = False  # False: the same file was already stored (dedupe by content)
+    predicted: tuple[str, ...] = ()  # model versions that ran now (empty when already stored)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def ensure_prediction(
+    scope: SessionFactory, image_id: int, xray: XRay, handle: ModelHandle
+) -> bool:
+    """Predict and store for (image, model version) unless stored. True if the model ran."""
+    with scope(write=False) as session:
+        if repo.get_prediction(session, image_id, handle.version_id) is not None:
+            return False
+    prediction = predict(xray, handle.model)
+    # The registered name is authoritative (a checkpoint without a version is registered under
+    # a name derived from its hash).
+    prediction = dataclasses.replace(prediction, model_version=handle.version)
+    with scope() as session:
+        repo.store_prediction(session, image_id, handle.version_id, prediction)
+    return True
+
+
+def ingest_xray(
+    scope: SessionFactory,
+    xray: XRay,
+    name: str,
+    models: Iterable[ModelHandle],
+    source: str = "upload",
+) -> IngestOutcome:
+    height, width = xray.pixels.shape
+    with scope() as session:
+        image, created = repo.add_image(
+            session,
+            xray_to_npz_bytes(xray),
+            xray.sha256,
+            name,
+            xray.metadata,
+            width=width,
+            height=height,
+            source=source,
+        )
+        image_id = int(image.id)
+    ran = tuple(h.version for h in models if ensure_prediction(scope, image_id, xray, h))
+    return IngestOutcome(name=name, image_id=image_id, created=created, predicted=ran)
+
+
+def ingest_file(
+    scope: SessionFactory,
+    data: bytes,
+    name: str,
+    models: Iterable[ModelHandle],
+    source: str = "upload",
+) -> IngestOutcome:
+    """Load, store (deduplicated) and predict one file. Bad input -> ``outcome.error``."""
+    try:
+        xray = load_xray(bytes(data), name=name)
+    except UnsupportedImage as exc:
+        return IngestOutcome(name=name, error=str(exc))
+    try:
+        return ingest_xray(scope, xray, name, models, source=source)
+    except Exception as exc:  # never a traceback in the UI; the log has the details
+        log.exception("ingest failed (%s)", type(exc).__name__)
+        return IngestOutcome(
+            name=name,
+            error=f"The file was read but could not be stored or analysed ({type(exc).__name__}).",
+        )

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small random checkpoint (no dependence on training) and a temp database."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RANDOM_MODEL_VERSION = "random-test"
+
+
+def make_random_checkpoint(path: Path, version: str = RANDOM_MODEL_VERSION) -> Path:
+    """A randomly initialised InfMap network saved in the real checkpoint format (seeded)."""
+    import torch
+
+    from inference.model import ModelConfig, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig())
+    return save_checkpoint(model, path, meta={"version": version, "note": "random weights, tests"})
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "random.pt")
+
+
+@pytest.fixture
+def temp_database_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'infmap.sqlite'}"
