@@ -1,0 +1,255 @@
+"""training.finetune end to end on a temporary SQLite database and real COVID-QU-Ex images.
+
+Corrections come in through ``database.import_masks`` (the app's import path); the base model is
+a small network whose masks start empty, registered as the active version. Fine-tuning runs a
+few steps at 128 px on one thread with a tiny replay sample from the real Train split.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from database import repository as repo
+from database.import_masks import import_masks
+from database.session import init_db, session_scope
+from inference.model import ModelConfig, build_model, save_checkpoint
+from training import finetune as ft
+
+ROOT = Path("/work/shared/data/covid-qu-ex")
+DATA = ROOT / "Infection Segmentation Data"
+REPO = Path(__file__).resolve().parent.parent
+CASES = [  # (class folder, file) from the Train split
+    ("COVID-19", "covid_1.png"),
+    ("COVID-19", "covid_1002.png"),
+    ("COVID-19", "covid_100.png"),
+    ("COVID-19", "covid_1000.png"),
+    ("COVID-19", "covid_1001.png"),
+    ("Normal", "Normal (11766).png"),
+]
+SMALL = ModelConfig(input_size=128, decoder_channels=[16, 8, 8, 8, 8])
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="COVID-QU-Ex not available")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the real model may be training on this machine
+    yield
+    torch.set_num_threads(before)
+
+
+def _copy_cases(dest: Path) -> dict[str, Path]:
+    dirs = {"images": ("Infection Segmentation Data", "images"),
+            "lung": ("Lung Masks", "lung masks"),
+            "infection": ("Infection Masks", "infection masks")}
+    out = {}
+    for key, (top, sub) in dirs.items():
+        for cls, name in CASES:
+            src = DATA / top / "Train" / cls / sub / name
+            target = dest / top / "Train" / cls / sub / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+        out[key] = dest / top
+    return out
+
+
+def _empty_mask_model() -> torch.nn.Module:
+    """A seeded random network whose mask logits start at -4 (nothing predicted), so that any
+    learning shows as a Dice gain on the held-aside corrections."""
+    torch.manual_seed(0)
+    model = build_model(SMALL)
+    # Fresh BatchNorm statistics (mean 0, var 1) would make eval mode nothing like train mode;
+    # one train-mode pass with cumulative statistics calibrates them like a trained network's.
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 1, SMALL.input_size, SMALL.input_size) * 4 - 2)
+        head = model.net.segmentation_head[0]
+        head.weight.mul_(0.01)
+        head.bias.fill_(-4.0)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("finetune")
+    dirs = _copy_cases(tmp / "qu-ex")
+    url = f"sqlite:///{tmp / 'db' / 'infmap.sqlite'}"
+    engine = init_db(url)
+    summary = import_masks(engine, dirs["images"], dirs["lung"], dirs["infection"], "ann")
+    assert summary.images_new == len(CASES)
+    base_path = save_checkpoint(_empty_mask_model(), tmp / "base.pt", meta={"version": "base"})
+    with session_scope(engine) as s:
+        base = repo.register_model_version(s, "base", str(base_path),
+                                           ft.file_sha256(base_path), activate=True)
+        annotation_ids = sorted(v.id for v in repo.training_annotations(s))
+    return {"tmp": tmp, "url": url, "engine": engine, "base_id": base.id,
+            "base_path": base_path, "annotation_ids": annotation_ids}
+
+
+def _opts(world: dict, name: str, **kw) -> ft.FinetuneOptions:
+    defaults = dict(db=world["url"], out=str(world["tmp"] / "models" / f"{name}.pt"),
+                    data=str(ROOT), steps=6, batch_size=4, lr=1e-2, replay_ratio=0.5,
+                    replay_limit=8, val_size=6, seed=0, threads=1, progress=False,
+                    cache_dir=None)
+    defaults.update(kw)
+    return ft.FinetuneOptions(**defaults)
+
+
+def _versions(world: dict) -> list:
+    with session_scope(world["engine"], write=False) as s:
+        return repo.list_model_versions(s)
+
+
+def _active(world: dict) -> list[int]:
+    return [v.id for v in _versions(world) if v.active]
+
+
+def test_decide_rule() -> None:
+    base = {"corrections": {"score": 0.5}, "val": {"lung_dice": 0.9, "infection_dice_covid": 0.6}}
+    better = {"corrections": {"score": 0.6},
+              "val": {"lung_dice": 0.895, "infection_dice_covid": 0.6}}
+    assert ft.decide(base, better, 0.01)[0]
+    assert not ft.decide(base, better, 0.001)[0]  # lung Val dropped 0.005 > 0.001
+    same = {**better, "corrections": {"score": 0.5}}
+    assert not ft.decide(base, same, 0.01)[0]  # must be strictly better on held-aside
+    assert not ft.decide(base, {**better, "val": None}, 0.01)[0]  # no Val: never automatic
+
+
+def test_holdout_is_stable_as_corrections_grow() -> None:
+    def corr(i: int) -> ft.Correction:
+        z = np.zeros((4, 4), bool)
+        return ft.Correction(i, f"{i:064x}", z.astype(np.uint8), z, z)
+
+    _, held10 = ft.split_holdout([corr(i) for i in range(10)], 0.2, seed=3)
+    _, held50 = ft.split_holdout([corr(i) for i in range(50)], 0.2, seed=3)
+    assert held10 and {c.image_id for c in held10} <= {c.image_id for c in held50}
+    train2, held2 = ft.split_holdout([corr(0), corr(1)], 0.2, seed=0)
+    assert len(train2) == 1 and len(held2) == 1
+
+
+def test_finetune_registers_lineage_and_follows_the_rule(world: dict) -> None:
+    # Accepted: masks start empty, so learning anything beats the base on held-aside
+    # corrections; a tolerance of 1 Dice cannot fail on Val.
+    result = ft.finetune(_opts(world, "accept", tolerance=1.0), engine=world["engine"])
+    assert result.activated, result.decision
+    assert Path(result.checkpoint).is_file()
+    lin = result.lineage
+    assert lin["base_version_id"] == world["base_id"] and lin["base_version"] == "base"
+    trained, held = lin["annotation_version_ids"], lin["held_aside_annotation_version_ids"]
+    assert trained and held and not set(trained) & set(held)
+    assert sorted(trained + held) == world["annotation_ids"]
+    assert len(lin["data_hash"]) == 64 and lin["replay"]["per_batch"] == 2
+    with session_scope(world["engine"], write=False) as s:
+        row = repo.get_model_version(s, result.version)
+        run = repo.get_run(s, result.run_id)
+        assert row.parent_id == world["base_id"] and row.lineage == lin
+        assert row.metrics["corrections"]["score"] > row.metrics["base"]["corrections"]["score"]
+        assert row.train_minutes is not None and row.checkpoint_sha256
+        assert run.status == "succeeded" and run.progress == 1.0
+        assert run.model_version_id == row.id
+    assert _active(world) == [result.model_version_id]
+
+    # Rejected: same data and seed (same data hash) but a negative tolerance demands a Val gain
+    # of more than 1 Dice. Registered, not active.
+    rejected = ft.finetune(_opts(world, "reject", tolerance=-1.0, version="rejected",
+                                 base=str(world["base_path"])), engine=world["engine"])
+    assert not rejected.activated and "worse on Val" in rejected.decision
+    assert rejected.lineage["data_hash"] == lin["data_hash"]
+    assert _active(world) == [result.model_version_id]
+
+    # Manual activation, then rollback: always exactly one active version.
+    with session_scope(world["engine"]) as s:
+        repo.set_active_model_version(s, rejected.model_version_id)
+    assert _active(world) == [rejected.model_version_id]
+    with session_scope(world["engine"]) as s:
+        repo.set_active_model_version(s, world["base_id"])
+    assert _active(world) == [world["base_id"]]
+
+
+def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> None:
+    before = {v.id for v in _versions(world)}
+    opts = _opts(world, "fails", fail_after_step=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        ft.finetune(opts, engine=world["engine"])
+    assert {v.id for v in _versions(world)} == before
+    assert not Path(opts.out).exists()
+    with session_scope(world["engine"], write=False) as s:
+        run = repo.list_runs(s, limit=1)[0]
+        assert run.status == "failed" and "injected failure" in run.message
+        assert run.model_version_id is None
+    ok = ft.finetune(_opts(world, "fails"), engine=world["engine"])
+    assert Path(ok.checkpoint).is_file() and ok.model_version_id not in before
+
+
+def _spawn(world: dict, name: str, run_id: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "training.finetune", "--db", world["url"],
+           "--out", str(world["tmp"] / "models" / f"{name}.pt"), "--data", str(ROOT),
+           "--steps", "400", "--batch-size", "4", "--replay-limit", "8", "--val-size", "4",
+           "--threads", "1", "--run-id", str(run_id), "--no-progress", "--cache-dir", ""]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_training(world: dict, run_id: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(world["engine"], write=False) as s:
+            run = repo.get_run(s, run_id)
+            if run.message and run.message.startswith("fine-tuning: step"):
+                return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.3)
+    pytest.fail("the fine-tuning subprocess never reported a training step")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_leaves_database_consistent(world: dict, sig: signal.Signals) -> None:
+    # The model config is the base's (SMALL): use the 128 px base even if a test activated
+    # another version.
+    with session_scope(world["engine"]) as s:
+        repo.set_active_model_version(s, world["base_id"])
+        run_id = repo.create_run(s, {"test": sig.name}).id
+    before = {v.id for v in _versions(world)}
+    name = f"killed-{sig.name}"
+    proc = _spawn(world, name, run_id)
+    try:
+        _wait_training(world, run_id, proc)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = world["tmp"] / "models" / f"{name}.pt"
+    assert {v.id for v in _versions(world)} == before  # nothing half-registered
+    assert not out.exists()  # no checkpoint, whole or half
+    with session_scope(world["engine"], write=False) as s:
+        run = repo.get_run(s, run_id)
+    if sig == signal.SIGTERM:
+        assert code == 128 + signal.SIGTERM
+        assert run.status == "interrupted" and run.finished is not None
+    else:  # SIGKILL cannot be caught: the run row stays "running" with a dead pid
+        assert code == -signal.SIGKILL and run.status == "running"
+    assert _active(world) == [world["base_id"]]
+    # Resuming is re-running: the same output path works and registers one version.
+    again = ft.finetune(_opts(world, name, steps=2, val_size=4), engine=world["engine"])
+    assert Path(again.checkpoint) == out and out.is_file()
+    assert {v.id for v in _versions(world)} == before | {again.model_version_id}
