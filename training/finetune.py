@@ -738,3 +738,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------- background runs
+
+
+def launch_background(
+    db_url: str, run_id: int, out: str | Path, extra_args: Sequence[str] = (),
+    log_path: str | Path | None = None,
+) -> Any:
+    """Start ``python -m training.finetune`` detached (own session, output to ``log_path``) for
+    a queued run row; returns the ``Popen``. The caller never waits: progress is in the row."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "training.finetune", "--db", db_url, "--out", str(out),
+           "--run-id", str(run_id), *extra_args]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()  # the child has its own copy of the descriptor
+
+
+def process_alive(pid: int | None) -> bool:
+    """Whether a process with this id is running (a zombie counts as gone)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
