@@ -253,3 +253,43 @@ def test_killed_run_leaves_database_consistent(world: dict, sig: signal.Signals)
     again = ft.finetune(_opts(world, name, steps=2, val_size=4), engine=world["engine"])
     assert Path(again.checkpoint) == out and out.is_file()
     assert {v.id for v in _versions(world)} == before | {again.model_version_id}
+
+
+def test_worklist_orders_by_uncertainty_of_the_active_version(world: dict) -> None:
+    """predict() -> store_prediction -> worklist(sort="uncertainty"), for whichever version is
+    active: a newly activated version's worklist has no uncertainty until re-predicted."""
+    from inference.model import load_checkpoint
+    from services.ingest import ModelHandle, ensure_prediction
+    from services.studies import load_xray_payload
+
+    def scope(write: bool = True):
+        return session_scope(world["engine"], write=write)
+
+    torch.manual_seed(1)
+    model = build_model(SMALL)  # random head: lungs found somewhere, entropies differ per image
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 1, SMALL.input_size, SMALL.input_size) * 4 - 2)
+    path = save_checkpoint(model.eval(), world["tmp"] / "random.pt", meta={"version": "random"})
+    with scope() as s:
+        row = repo.register_model_version(s, "random", str(path), ft.file_sha256(path),
+                                          activate=True)
+        handle = ModelHandle(row.id, "random", load_checkpoint(path))
+        image_ids = [r.image_id for r in repo.worklist(s)]
+    with scope(write=False) as s:
+        assert all(r.uncertainty is None for r in repo.worklist(s, sort="uncertainty"))
+    for image_id in image_ids:  # what "re-predict with the active version" does
+        assert ensure_prediction(scope, image_id, load_xray_payload(scope, image_id), handle)
+    with scope(write=False) as s:
+        rows = repo.worklist(s, sort="uncertainty")
+    values = [r.uncertainty for r in rows]
+    assert None not in values and len(set(values)) > 1
+    assert values == sorted(values, reverse=True)  # least sure first
+    assert all(0.0 <= v <= 1.0 for v in values)  # bits, binary entropy
+    with scope() as s:  # rollback: the worklist follows the active version's predictions again
+        repo.set_active_model_version(s, world["base_id"])
+        assert all(r.uncertainty is None for r in repo.worklist(s, sort="uncertainty"))
