@@ -7,7 +7,9 @@ into ``finetune_runs``), ``database.repository`` (versions, runs, activation) an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -304,8 +306,14 @@ def runs_panel() -> None:
                                         message="process ended without reporting (killed?)")
                     st.rerun(scope="app")
             else:
-                st.progress(r["progress"], text=f"Run {r['id']}: {r['message'] or r['status']}"
+                c1, c2 = st.columns([6, 1], vertical_alignment="center")
+                c1.progress(r["progress"], text=f"Run {r['id']}: {r['message'] or r['status']}"
                             f" ({100 * r['progress']:.0f}%)")
+                if can_manage() and r["pid"] and c2.button("Stop", key=f"stop.{r['id']}",
+                                                           icon=":material/stop:"):
+                    # The run catches SIGTERM, marks itself interrupted, registers nothing.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(r["pid"]), signal.SIGTERM)
     st.dataframe(pd.DataFrame([{
         "run": r["id"], "status": r["status"], "progress": r["progress"],
         "message": r["message"], "started (UTC)": common.fmt_time(r["started"]),

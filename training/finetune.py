@@ -1,7 +1,7 @@
 """Fine-tune InfMap on the annotators' corrections and register the result as a model version.
 
     python -m training.finetune --db sqlite:///data/infmap.sqlite --out models/versions/ft.pt \\
-        [--base CHECKPOINT] [--data ../shared/data/covid-qu-ex] [--steps 120] \\
+        [--base CHECKPOINT] [--data ../shared/data/covid-qu-ex] [--steps 150] \\
         [--replay-ratio 0.5] [--seed 0] [--tolerance 0.01] [--run-id ID]
 
 What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
@@ -93,7 +93,7 @@ class FinetuneOptions:
     out: str
     base: str | None = None  # checkpoint path; None: the active model version's checkpoint
     data: str | None = None  # COVID-QU-Ex root for replay and Val; None: DEFAULT_DATA if present
-    steps: int = 120
+    steps: int = 150
     batch_size: int = 16
     lr: float = 5e-4
     weight_decay: float = 1e-4
@@ -346,8 +346,15 @@ class Progress:
         if not force and now - self._last < self.min_interval:
             return
         self._last = now
-        with session_scope(self.engine) as s:
-            repo.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
+        try:
+            with session_scope(self.engine) as s:
+                repo.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
+        except ValueError as exc:  # someone marked the run finished (the app's stale-run button)
+            raise Interrupted(f"run marked finished elsewhere: {exc}") from exc
+        except Exception as exc:  # a busy database must not kill the run; the next one retries
+            if force:
+                raise
+            print(f"progress not recorded: {exc}", file=sys.stderr)
 
     def bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not self.show, mininterval=2, leave=False,
@@ -410,8 +417,9 @@ def finetune(opts: FinetuneOptions, engine: Any = None) -> FinetuneResult:
         with signals_blocked():
             if not state["registered"]:
                 written = state["checkpoint_written"]
-                if written is not None:
+                if written is not None:  # the checkpoint and save_checkpoint's temporary file
                     Path(written).unlink(missing_ok=True)
+                    Path(written + ".tmp").unlink(missing_ok=True)
                 if isinstance(exc, Interrupted | KeyboardInterrupt):
                     _finish_failed(engine, run_id, "interrupted", f"interrupted ({exc or 'SIGINT'})"
                                    "; nothing was registered. Start a new run to try again.")
