@@ -16,6 +16,10 @@ from pathlib import Path  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
+# Register the drawing canvas component at start-up, not on the first visit of the correction
+# page: registering it during that page's first run made Streamlit show "Page not found".
+import streamlit_drawable_canvas  # noqa: E402, F401
+
 from pages import common  # noqa: E402
 from services import identity, studies  # noqa: E402
 

@@ -99,8 +99,8 @@ def xray_for(sha256: str, image_id: int) -> XRay:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def prediction_for(
-    sha256: str, model_version: str, image_id: int, _model: studies.ModelInfo
+def _prediction_for(
+    database_url: str, sha256: str, model_version: str, image_id: int, _model: studies.ModelInfo
 ) -> studies.PredictionView | None:
     info = _model
     loaded = None
@@ -108,6 +108,14 @@ def prediction_for(
         loaded = load_model(info.checkpoint_path)
     with st.spinner("Running the model on this study..."):
         return studies.prediction_for(db, image_id, info, loaded)
+
+
+def prediction_for(
+    sha256: str, model_version: str, image_id: int, model: studies.ModelInfo
+) -> studies.PredictionView | None:
+    """The model's stored output for a study (computed and stored first if missing), cached per
+    (image sha256, model version) and database."""
+    return _prediction_for(runtime.database_url(), sha256, model_version, image_id, model)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

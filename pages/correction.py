@@ -51,13 +51,25 @@ def restart(work: Work, parent: int | None, base: int | str) -> None:
     work.parent, work.base, work.nonce = parent, base, work.nonce + 1
 
 
-def flash(kind: str, text: str, conflict: int | None = None) -> None:
-    st.session_state[FLASH] = {"kind": kind, "text": text, "conflict": conflict}
+def flash(work: Work, kind: str, text: str, conflict: int | None = None) -> None:
+    """Remember the outcome of an action for display under the save buttons."""
+    st.session_state[FLASH] = {
+        "kind": kind,
+        "text": text,
+        "conflict": conflict,
+        "nonce": work.nonce,
+    }
 
 
-def show_flash(work: Work, head: studies.VersionInfo | None) -> None:
+def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> None:
+    """The last outcome: a success until the user draws again, an error until the next action
+    on this canvas, a refused save (conflict draft) until the user resolves it."""
     note = st.session_state.get(FLASH)
     if not note:
+        return
+    stale = note["nonce"] != work.nonce or (note["kind"] == "success" and drawing)
+    if note.get("conflict") is None and stale:
+        st.session_state.pop(FLASH, None)
         return
     if note["kind"] == "success":
         st.success(note["text"], icon=":material/check_circle:")
@@ -118,7 +130,7 @@ def save(
         )
     else:
         if status == "returned" and not (comment or "").strip():
-            flash("error", "Say what needs changing: a comment is required to send back.")
+            flash(work, "error", "Say what needs changing: a comment is required to send back.")
             return
         outcome = studies.save_mask(
             common.db, info.image_id, kind, edited, user.user_id, status, work.parent,
@@ -126,9 +138,9 @@ def save(
         )  # fmt: skip
     if outcome.ok:
         restart(work, outcome.version_id, outcome.version_id)
-        flash("success", outcome.message)
+        flash(work, "success", outcome.message)
     else:
-        flash("error", outcome.message, conflict=outcome.version_id)
+        flash(work, "error", outcome.message, conflict=outcome.version_id)
 
 
 def history(
@@ -189,22 +201,29 @@ def main() -> None:
     info = common.study_picker(common.selected_study_id(), key="correction.study")
     if info is None:
         return
+    # Every message that comes and goes is written into this one container, so the widgets
+    # below keep their place in the page: a canvas that moves is remounted, which would drop
+    # its strokes and swallow a click on a save button made at the same moment.
+    notices = st.container()
     user = common.user()
     can_edit = identity.can_edit(user)
     if not can_edit:
-        st.warning(
+        notices.warning(
             "Sign in first (sidebar: your name and role): edits and saves carry your name.",
             icon=":material/lock:",
         )
     model, _loaded, message = common.active_model()
-    common.model_notice(message)
+    with notices:
+        common.model_notice(message)
     pred = (
         common.prediction_for(info.sha256, model.version, info.image_id, model)
         if model is not None
         else None
     )
     if pred is None:
-        st.warning("There is no model mask for this study yet, so there is nothing to correct.")
+        notices.warning(
+            "There is no model mask for this study yet, so there is nothing to correct."
+        )
         return
     xray = common.xray_for(info.sha256, info.image_id)
 
@@ -216,14 +235,14 @@ def main() -> None:
     model_mask = pred.lung_mask if kind == "lung" else pred.infection_mask
     head = studies.head_version(common.db, info.image_id, kind)
     work = work_for(info.image_id, kind, head)
-    show_flash(work, head)
-    if head is not None and head.id != work.parent:
-        st.warning(
-            f"{head.author} saved version {head.id} ({head.status}) at "
-            f"{common.fmt_time(head.created)}, after the version you are editing on. "
-            "Saving now will be refused; your edit would be kept as a conflict draft.",
-            icon=":material/sync_problem:",
-        )
+    with notices:
+        if head is not None and head.id != work.parent:
+            st.warning(
+                f"{head.author} saved version {head.id} ({head.status}) at "
+                f"{common.fmt_time(head.created)}, after the version you are editing on. "
+                "Saving now will be refused; your edit would be kept as a conflict draft.",
+                icon=":material/sync_problem:",
+            )
 
     t1, t2, t3, t4 = st.columns([4, 2, 2, 2], vertical_alignment="bottom")
     with t1:
@@ -304,6 +323,8 @@ def main() -> None:
             st.rerun()
     if not identity.can_review(user):
         st.caption("Approve and Send back are for radiologists.")
+    with st.container():  # always present: the layout above it never shifts
+        show_flash(work, head, masks.has_strokes(strokes))
 
     st.divider()
     history(info, kind, work, head, model_mask, color, xray.pixels, can_edit)

@@ -23,7 +23,8 @@ from services.ingest import IngestOutcome, ModelHandle, SessionFactory, ingest_f
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MASK_FOLDER_WORDS = ("mask",)
+MASK_WORDS = ("mask",)  # folders or files holding masks, not X-rays
+MASK_SUFFIXES = ("_lung", "_infection")  # samples/<class>/<name>_lung.png etc. (samples/README)
 
 
 @dataclass
@@ -73,7 +74,7 @@ def register_checkpoint(
 
 
 def sample_files(samples_dir: Path) -> list[Path]:
-    """Image files under ``samples_dir``, skipping mask folders/files (sorted, deterministic)."""
+    """X-ray files under ``samples_dir``, skipping their masks (sorted, deterministic)."""
     if not samples_dir.is_dir():
         return []
     found = []
@@ -81,7 +82,9 @@ def sample_files(samples_dir: Path) -> list[Path]:
         if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         parts = [p.lower() for p in path.relative_to(samples_dir).parts]
-        if any(word in part for part in parts for word in MASK_FOLDER_WORDS):
+        if any(word in part for part in parts for word in MASK_WORDS):
+            continue
+        if path.stem.lower().endswith(MASK_SUFFIXES):
             continue
         found.append(path)
     return found

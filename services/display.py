@@ -139,10 +139,18 @@ def panels_figure(
     panels: list[np.ndarray],
     grid: DisplayGrid,
     titles: tuple[str, ...] = PANEL_TITLES,
-    height: int = 440,
+    height: int | None = None,
+    panel_width: int = 290,
 ) -> go.Figure:
-    """One 1 x N plotly figure; zoom and pan in any panel move all of them (matched axes)."""
+    """One 1 x N plotly figure; zoom and pan in any panel move all of them (matched axes).
+
+    ``height`` defaults to what a panel ``panel_width`` pixels wide needs for this image's
+    aspect ratio (the wide layout on a laptop screen), so there is little empty space.
+    """
     n = len(panels)
+    if height is None:
+        aspect = grid.height / grid.width
+        height = int(min(max(panel_width * aspect, 200), 720)) + 34
     fig = make_subplots(rows=1, cols=n, subplot_titles=titles[:n], horizontal_spacing=0.008)
     step = 1.0 / grid.scale
     for col, rgb in enumerate(panels, start=1):
@@ -159,14 +167,9 @@ def panels_figure(
             row=1,
             col=col,
         )
-    fig.update_xaxes(matches="x", showticklabels=False, showgrid=False, zeroline=False)
-    fig.update_yaxes(
-        matches="y",
-        autorange="reversed",
-        showticklabels=False,
-        showgrid=False,
-        zeroline=False,
-    )
+    hidden = {"showticklabels": False, "showgrid": False, "zeroline": False, "ticks": ""}
+    fig.update_xaxes(matches="x", constrain="domain", **hidden)
+    fig.update_yaxes(matches="y", autorange="reversed", constrain="domain", **hidden)
     fig.update_yaxes(scaleanchor="x", scaleratio=1, row=1, col=1)
     fig.update_layout(
         height=height,

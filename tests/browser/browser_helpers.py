@@ -1,0 +1,112 @@
+"""Starting the app for browser tests and benchmarks, and small Streamlit page helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class AppServer:
+    url: str
+    database_url: str
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def start_app(
+    database_url: str, checkpoint: Path, log_path: Path, timeout: float = 90.0
+) -> AppServer:
+    """``streamlit run app.py`` on a free port; returns once the health endpoint answers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "INFMAP_CHECKPOINT": str(checkpoint),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",  # a model trains on this machine: stay modest
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("INFMAP_DATA_DIR", None)  # the file store sits next to the temp SQLite file
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", "app.py",
+        "--server.port", str(port), "--server.address", "127.0.0.1",
+        "--server.headless", "true",
+    ]  # fmt: skip
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = AppServer(f"http://127.0.0.1:{port}", database_url, log_path, process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {process.returncode}:\n{server.log()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.2)
+    stop_app(server)
+    raise RuntimeError(f"streamlit did not become healthy in {timeout}s:\n{server.log()}")
+
+
+def stop_app(server: AppServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+# ------------------------------------------------------------------------- page helpers
+def wait_idle(page) -> None:  # noqa: ANN001
+    """Wait until Streamlit has finished the current script run (no running indicator)."""
+    from playwright.sync_api import expect
+
+    expect(page.locator('[data-testid="stApp"]')).to_have_attribute(
+        "data-test-script-state", "notRunning"
+    )
+
+
+def sign_in(page, name: str, role: str = "annotator") -> None:  # noqa: ANN001
+    from playwright.sync_api import expect
+
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    sidebar.get_by_label("Your name").fill(name)  # no Enter: that would submit the form
+    select = sidebar.locator('[data-testid="stSelectbox"]').filter(has_text="Role")
+    select.click()
+    page.get_by_role("option", name=role, exact=True).click()
+    sidebar.get_by_role("button", name="Sign in").click()
+    expect(sidebar.get_by_text(f"Signed in as {name}")).to_be_visible()
+
+
+def go_to(page, title: str) -> None:  # noqa: ANN001
+    page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()

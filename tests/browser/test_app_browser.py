@@ -1,0 +1,207 @@
+"""The app in real Chromium: upload, review panels, drawing corrections, bad input, conflicts.
+
+Each test works on its own study so the order does not matter; the database is inspected
+through the repository, exactly as the app wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from browser_helpers import AppServer, go_to, sign_in
+from dicom_samples import pydicom_data_file
+from playwright.sync_api import Locator, Page, expect
+
+from database import repository as repo
+from database.session import make_engine, session_scope
+
+pytestmark = pytest.mark.browser
+
+
+# ----------------------------------------------------------------------------- helpers
+def image_id(server: AppServer, display_name: str) -> int:
+    engine = make_engine(server.database_url)
+    try:
+        with session_scope(engine, write=False) as s:
+            for row in repo.worklist(s):
+                if row.display_name == display_name:
+                    return row.image_id
+    finally:
+        engine.dispose()
+    raise AssertionError(f"{display_name} is not in the worklist")
+
+
+def versions(server: AppServer, image: int, kind: str) -> list[tuple[object, np.ndarray]]:
+    engine = make_engine(server.database_url)
+    try:
+        with session_scope(engine, write=False) as s:
+            return [(v, repo.version_mask(v)) for v in repo.list_versions(s, image, kind)]
+    finally:
+        engine.dispose()
+
+
+def model_mask(server: AppServer, image: int, kind: str) -> np.ndarray:
+    engine = make_engine(server.database_url)
+    try:
+        with session_scope(engine, write=False) as s:
+            active = repo.get_active_model_version(s)
+            lung, infection = repo.prediction_masks(repo.get_prediction(s, image, active.id))
+    finally:
+        engine.dispose()
+    return lung if kind == "lung" else infection
+
+
+def upload(page: Page, *files: Path) -> None:
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
+        [str(f) for f in files]
+    )
+
+
+def panels(page: Page) -> Locator:
+    return page.locator('[data-testid="stPlotlyChart"]').first
+
+
+def expect_four_panels(page: Page) -> None:
+    chart = panels(page)
+    expect(chart.locator("g.imagelayer image")).to_have_count(4)
+    for title in ("X-ray", "Lung mask", "Infection mask", "Grad-CAM"):
+        expect(chart.get_by_text(title, exact=False).first).to_be_visible()
+
+
+def expect_probabilities(page: Page) -> None:
+    expect(page.get_by_role("heading", name="Class probabilities")).to_be_visible()
+    bars = page.locator('[data-testid="stPlotlyChart"]').nth(1)
+    for name in ("COVID-19", "Non-COVID", "Normal"):
+        expect(bars.get_by_text(name, exact=True).first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"Predicted: .+ \(\d+\.\d%\)"))).to_be_visible()
+
+
+def open_correction(new_page, study: int) -> Page:  # noqa: ANN001
+    page = new_page(f"/correct?study={study}")
+    expect(page.get_by_role("heading", name="Correction")).to_be_visible()
+    return page
+
+
+def metric_value(page: Page, label: str) -> Locator:
+    metric = page.locator('[data-testid="stMetric"]').filter(has_text=label)
+    return metric.locator('[data-testid="stMetricValue"]')
+
+
+def draw_stroke(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Mouse down, move in steps, mouse up on the drawing canvas (fractions of its size)."""
+    canvas = page.locator("canvas.dc-canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    assert box is not None
+    x0, y0 = box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"]
+    x1, y1 = box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 21):
+        page.mouse.move(x0 + (x1 - x0) * i / 20, y0 + (y1 - y0) * i / 20)
+    page.mouse.up()
+    expect(metric_value(page, "Changed pixels")).not_to_have_text("0")
+
+
+# ----------------------------------------------------------------------------- tests
+def test_upload_dicom_shows_four_panels_and_probabilities(new_page, shot, app_server) -> None:
+    page = new_page()
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    expect(page.get_by_text("normal_1.png").first).to_be_attached()  # the samples (grid cell)
+    shot(page, "worklist")
+
+    upload(page, pydicom_data_file("RG1_UNCR.dcm"))
+    expect(page.get_by_text(re.compile(r"RG1_UNCR\.dcm added as study #\d+"))).to_be_visible()
+    shot(page, "uploaded")
+
+    page.get_by_test_id("stExpander").get_by_role("button", name="Review").click()
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    expect_four_panels(page)
+    expect_probabilities(page)
+    expect(page.get_by_text("Decision support only").first).to_be_visible()
+    expect(page.get_by_text("Window preset")).to_be_visible()  # DICOM: window/level offered
+    shot(page, "review-dicom")
+    page.get_by_role("heading", name="Class probabilities").scroll_into_view_if_needed()
+    shot(page, "review-dicom-facts")
+
+
+def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> None:
+    study = image_id(app_server, "Normal/normal_1.png")
+    page = open_correction(new_page, study)
+    sign_in(page, "Alice Annotator", "annotator")
+    expect(page.locator("canvas.dc-canvas").first).to_be_visible()
+    shot(page, "correction")
+
+    draw_stroke(page, (0.2, 0.3), (0.8, 0.7))
+    shot(page, "drawn")
+    page.get_by_role("button", name="Save draft").click()
+    expect(page.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
+    shot(page, "saved")
+
+    saved = versions(app_server, study, "lung")
+    assert len(saved) == 1
+    version, mask = saved[0]
+    assert version.author.name == "Alice Annotator"
+    assert version.status == "draft" and not version.conflict
+    assert (mask ^ model_mask(app_server, study, "lung")).sum() > 100  # the stroke is in it
+    expect(page.get_by_text("Alice Annotator (annotator)").first).to_be_visible()  # history
+
+
+def test_bad_file_gives_clear_error_and_app_keeps_working(
+    new_page, shot, app_server, tmp_path: Path
+) -> None:
+    fake = tmp_path / "notes.dcm"
+    fake.write_text("These are my notes, not an X-ray.\n" * 20)
+    page = new_page()
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    upload(page, fake)
+    error = page.locator('[data-testid="stAlert"]').filter(has_text="notes.dcm was not added")
+    expect(error).to_be_visible()
+    assert len(error.inner_text().split("not added:", 1)[1].strip()) > 10  # a reason is given
+    expect(page.get_by_text("Traceback")).to_have_count(0)
+    shot(page, "bad-file")
+
+    page.get_by_role("button", name="Next study to review").click()
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    expect_four_panels(page)
+    shot(page, "then-review")
+
+
+def test_concurrent_saves_refuse_the_stale_one_and_keep_it(new_page, shot, app_server) -> None:
+    study = image_id(app_server, "Normal/normal_10.png")
+    ann, bob = open_correction(new_page, study), open_correction(new_page, study)
+    sign_in(ann, "Ann Concurrent", "annotator")
+    sign_in(bob, "Bob Concurrent", "radiologist")
+    draw_stroke(ann, (0.1, 0.2), (0.5, 0.3))
+    draw_stroke(bob, (0.5, 0.6), (0.9, 0.8))
+
+    ann.get_by_role("button", name="Save draft").click()
+    expect(ann.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
+    shot(ann, "ann-saved")
+
+    bob.get_by_role("button", name="Save draft").click()
+    refusal = bob.locator('[data-testid="stAlert"]').filter(
+        has_text=re.compile(r"Ann Concurrent saved a newer lung mask .* at \d{4}-\d\d-\d\d")
+    )
+    expect(refusal).to_be_visible()
+    expect(bob.get_by_text(re.compile(r"saved as your draft version \d+"))).to_be_visible()
+    shot(bob, "bob-refused")
+
+    saved = versions(app_server, study, "lung")
+    assert [(v.author.name, v.conflict) for v, _ in saved] == [
+        ("Ann Concurrent", False),
+        ("Bob Concurrent", True),
+    ]
+    (_, ann_mask), (bob_version, bob_mask) = saved
+    assert bob_version.status == "draft"
+    model = model_mask(app_server, study, "lung")
+    assert (bob_mask ^ model).sum() > 100 and (bob_mask ^ ann_mask).sum() > 100  # nothing lost
+
+    bob.get_by_role("button", name="Continue from my draft").click()
+    expect(bob.get_by_text(f"starting from version {bob_version.id}")).to_be_visible()
+    shot(bob, "bob-merging")
+    go_to(bob, "Worklist")
+    expect(bob.get_by_role("heading", name="Worklist")).to_be_visible()

@@ -1,0 +1,232 @@
+"""The app without a browser: streamlit.testing.v1.AppTest on a temp database and a random
+checkpoint, plus the services the pages stand on (ingest, masks from strokes, windows).
+
+The canvas component does not render under AppTest (it returns its default: no strokes), so a
+save here stores the mask the page started from; drawing is covered by tests/browser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from database import repository as repo
+from database.session import init_db, session_scope
+from services import bootstrap, display, identity, ingest, masks, studies
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 180  # first run: migrations, model load, six sample predictions on a busy machine
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory: pytest.TempPathFactory, random_checkpoint: Path) -> Iterator[str]:
+    """One temp database for the module (the bootstrap predicts the six samples once)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('apptest') / 'infmap.sqlite'}"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DATABASE_URL", url)
+    patch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
+    patch.delenv("INFMAP_DATA_DIR", raising=False)
+    patch.delenv("INFMAP_SAMPLES_DIR", raising=False)
+    yield url
+    patch.undo()
+
+
+def run_app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    if page is not None:
+        at.switch_page(page).run()
+        assert not at.exception, at.exception
+    return at
+
+
+def sign_in(at: AppTest, name: str, role: str = "annotator") -> None:
+    at.sidebar.text_input(key="identity.name").input(name)
+    at.sidebar.selectbox(key="identity.role").select(role)
+    at.sidebar.button[0].click().run()
+    assert not at.exception, at.exception
+
+
+def scope_for(url: str):  # noqa: ANN201
+    engine = init_db(url)
+
+    def scope(write: bool = True):  # noqa: ANN202
+        return session_scope(engine, write=write)
+
+    return scope
+
+
+# ----------------------------------------------------------------------------- AppTest
+def test_worklist_shows_the_bundled_samples(app_env: str) -> None:
+    at = run_app()
+    assert [t.value for t in at.title] == ["Worklist"]
+    table = at.dataframe[0].value
+    names = set(table["study"].str.split(" · ").str[1])
+    assert {"COVID-19/covid_1579.png", "Normal/normal_1.png"} <= names
+    assert len(table) == 6
+    assert set(table["status"]) == {"new"}
+    assert table["class"].isin(["COVID-19", "Non-COVID", "Normal"]).all()
+    assert table["thumbnail"].str.startswith("data:image/png;base64,").all()
+    assert not at.error
+
+
+def test_identity_gate_blocks_edits_without_a_name(app_env: str) -> None:
+    at = run_app("pages/correction.py")
+    assert any("Sign in first" in w.value for w in at.warning)
+    assert at.button(key="correction.save.draft").disabled
+    assert at.button(key="correction.save.submitted").disabled
+
+    at.sidebar.button[0].click().run()  # "Sign in" with an empty name
+    assert any("Enter your name" in e.value for e in at.sidebar.error)
+    assert at.button(key="correction.save.draft").disabled
+
+    sign_in(at, "Gate Keeper")
+    assert not any("Sign in first" in w.value for w in at.warning)
+    assert not at.button(key="correction.save.draft").disabled
+
+
+def test_review_page_shows_probabilities_and_severity(app_env: str) -> None:
+    at = run_app("pages/review.py")
+    assert not at.error
+    text = " ".join(m.value for m in at.markdown)
+    assert "Predicted: **" in text
+    labels = [m.label for m in at.metric]
+    assert {"Both lungs", "Patient's right", "Patient's left", "Severity"} <= set(labels)
+    assert any("Decision support only" in i.value for i in at.info)
+    assert any("CXR extent score" in c.value for c in at.caption)
+    assert [s.label for s in at.selectbox if s.label == "Grad-CAM explains"]
+
+
+def test_saving_on_the_correction_page_creates_a_version(app_env: str) -> None:
+    at = run_app("pages/correction.py")
+    sign_in(at, "Saver Sam", "radiologist")
+    study_id = at.selectbox(key="correction.study").value
+    at.button(key="correction.save.submitted").click().run()
+    assert not at.exception, at.exception
+    assert any("Submitted for review: lung mask version" in s.value for s in at.success)
+
+    scope = scope_for(app_env)
+    with scope(write=False) as s:
+        saved = repo.list_versions(s, study_id, "lung")
+        assert [(v.author.name, v.status) for v in saved] == [("Saver Sam", "submitted")]
+        first_id = saved[0].id
+
+    at.button(key="correction.save.approved").click().run()  # radiologist approves the head
+    assert any("Approved" in s.value for s in at.success)
+    with scope(write=False) as s:
+        saved = repo.list_versions(s, study_id, "lung")
+        assert [(v.status, v.parent_id) for v in saved][-1] == ("approved", first_id)
+    history = at.dataframe[-1].value  # the version history
+    assert list(history["status"]) == ["approved", "submitted"]
+
+
+def test_worklist_filters_by_status_after_a_save(app_env: str) -> None:
+    at = run_app()
+    at.multiselect(key="worklist.status").select("approved").run()
+    table = at.dataframe[0].value
+    assert len(table) >= 1 and set(table["status"]) == {"approved"}
+    assert (table["last touched by"] == "Saver Sam").all()
+
+
+# ----------------------------------------------------------------------------- services
+def test_ingest_dedupes_and_reports_bad_files(tmp_path: Path, random_checkpoint: Path) -> None:
+    from inference.model import load_checkpoint
+
+    scope = scope_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    row, created = bootstrap.register_checkpoint(scope, random_checkpoint, load_checkpoint)
+    assert created
+    model = ingest.ModelHandle(row.id, row.version, load_checkpoint(random_checkpoint))
+    ok, png = cv2.imencode(".png", (np.random.default_rng(1).random((128, 160)) * 255).astype("u1"))
+    first = ingest.ingest_file(scope, png.tobytes(), "a.png", [model])
+    again = ingest.ingest_file(scope, png.tobytes(), "copy.png", [model])
+    bad = ingest.ingest_file(scope, b"hello, I am text\n" * 10, "notes.dcm", [model])
+    assert first.ok and first.created and first.predicted == (row.version,)
+    assert again.ok and not again.created and again.predicted == ()
+    assert again.image_id == first.image_id
+    assert not bad.ok and bad.image_id is None and len(bad.error) > 10
+    # registering the same checkpoint again is a no-op
+    assert bootstrap.register_checkpoint(scope, random_checkpoint, load_checkpoint)[1] is False
+
+
+def test_strokes_add_and_erase_on_the_image_grid() -> None:
+    base = np.zeros((100, 200), bool)
+    base[:, :100] = True
+    ch, cw = masks.canvas_size(*base.shape, max_side=400)
+    assert (ch, cw) == (200, 400)
+    rgba = np.zeros((ch, cw, 4), np.uint8)
+    alpha = round(255 * masks.STROKE_ALPHA)
+    rgba[20:60, 240:320] = (*masks.hex_to_rgb(masks.ADD_COLOR), alpha)  # add on the right
+    rgba[100:140, 40:120] = (*masks.hex_to_rgb(masks.ERASE_COLOR), alpha)  # erase on the left
+    edited = masks.composite_strokes(base, rgba)
+    assert edited[10:30, 120:160].all()  # added, in image coordinates (half the canvas)
+    assert not edited[50:70, 20:60].any()  # erased
+    assert edited[80:, :100].all() and not edited[80:, 170:].any()  # untouched elsewhere
+    assert masks.dice(base, base) == 1.0 and masks.dice(base, ~base) == 0.0
+    assert masks.dice(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+    assert masks.composite_strokes(base, None).sum() == base.sum()
+
+
+def test_later_stroke_wins_where_see_through_strokes_overlap() -> None:
+    add = np.array(masks.hex_to_rgb(masks.ADD_COLOR), float)
+    erase = np.array(masks.hex_to_rgb(masks.ERASE_COLOR), float)
+    a = masks.STROKE_ALPHA
+    # erase painted over add, and add over erase ("over" compositing, un-premultiplied)
+    out_alpha = a + a * (1 - a)
+    erase_on_top = (erase * a + add * a * (1 - a)) / out_alpha
+    add_on_top = (add * a + erase * a * (1 - a)) / out_alpha
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, 0, :3], rgba[0, 1, :3] = erase_on_top.round(), add_on_top.round()
+    rgba[..., 3] = round(255 * out_alpha)
+    added, erased = masks.stroke_layers(rgba)
+    assert erased[0, 0] and added[0, 1]
+
+
+def test_window_presets_follow_the_raw_range_and_inversion() -> None:
+    raw = np.linspace(1000, 5000, 256 * 256, dtype=np.float32).reshape(256, 256)
+    presets = display.window_presets(raw, (3000.0, 2000.0), invert=False)
+    assert list(presets)[0] == "Header" and presets["Header"] == (3000.0, 2000.0)
+    lo, hi = display.raw_range(raw)
+    assert presets["Lung"][0] < presets["Bone"][0]  # lungs are the dark end
+    assert presets["Full range"] == pytest.approx(((lo + hi) / 2, hi - lo))
+    inverted = display.window_presets(raw, None, invert=True)
+    assert "Header" not in inverted and inverted["Lung"][0] > inverted["Bone"][0]
+
+
+def test_four_panels_share_zoom_and_scale() -> None:
+    pixels = np.random.default_rng(0).random((1200, 1000)).astype(np.float32)
+    mask = np.zeros(pixels.shape, bool)
+    mask[300:900, 200:800] = True
+    grid = display.DisplayGrid.for_shape(*pixels.shape)
+    panels = display.panel_images(pixels, mask, mask, pixels, 0.4, grid)
+    assert [p.shape for p in panels] == [(*grid.shape, 3)] * 4
+    fig = display.panels_figure(panels, grid)
+    assert len(fig.data) == 4 and all(t.type == "image" for t in fig.data)
+    assert {fig.layout[f"xaxis{i}"].matches for i in (2, 3, 4)} == {"x"}
+    assert {fig.layout[f"yaxis{i}"].matches for i in (2, 3, 4)} == {"y"}
+    assert fig.data[0].dx == pytest.approx(1200 / display.DISPLAY_MAX_SIDE)
+
+
+def test_identity_rules() -> None:
+    with pytest.raises(identity.IdentityError):
+        identity.clean_name("   ")
+    assert identity.clean_name("  Ada   Lovelace ") == "Ada Lovelace"
+    rad = identity.Identity(1, "R", "radiologist")
+    ann = identity.Identity(2, "A", "annotator")
+    assert identity.can_review(rad) and not identity.can_review(ann)
+    assert identity.can_edit(ann) and not identity.can_edit(None)
+
+
+def test_version_table_has_dice_against_the_model() -> None:
+    from datetime import UTC, datetime
+
+    model = np.zeros((10, 10), bool)
+    model[:5] = True
+    v = studies.VersionInfo(3, "lung", "draft", "Ann", "annotator", datetime.now(UTC), None,
+                            True, None)  # fmt: skip
+    rows = studies.version_table([v], {3: model.copy()}, model)
+    assert rows[0]["Dice vs model"] == 1.0 and "conflict draft" in rows[0]["status"]
