@@ -25,11 +25,12 @@ CLASS_COLORS = {"COVID-19": "#e4572e", "Non-COVID": "#f3a712", "Normal": "#29bf1
 
 # Window presets as (centre, width) fractions of the raw range (0.5th-99.5th percentile), on
 # the display scale where air is dark: an X-ray has no Hounsfield units, so CT presets in HU do
-# not apply; these emphasise the darker lung fields, the mid-grey mediastinum, the bright bone.
+# not apply. Lung fields sit around the middle of that scale, the mediastinum above it and bone
+# near the bright end (checked on the RG1 CR of pydicom-data and COVID-QU-Ex PNGs).
 RELATIVE_PRESETS: dict[str, tuple[float, float]] = {
-    "Lung": (0.35, 0.60),
-    "Mediastinum": (0.60, 0.45),
-    "Bone": (0.78, 0.35),
+    "Lung": (0.48, 0.70),
+    "Mediastinum": (0.72, 0.45),
+    "Bone": (0.85, 0.35),
     "Full range": (0.50, 1.00),
 }
 

@@ -230,3 +230,18 @@ def test_version_table_has_dice_against_the_model() -> None:
                             True, None)  # fmt: skip
     rows = studies.version_table([v], {3: model.copy()}, model)
     assert rows[0]["Dice vs model"] == 1.0 and "conflict draft" in rows[0]["status"]
+
+
+def test_without_a_checkpoint_the_app_explains_instead_of_crashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'nomodel.sqlite'}")
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(tmp_path / "missing.pt"))
+    at = run_app()
+    assert any("No model checkpoint" in w.value for w in at.warning)
+    table = at.dataframe[0].value
+    assert len(table) == 6 and set(table["severity"]) == {"not predicted"}
+    at.switch_page("pages/review.py").run()
+    assert not at.exception and any("No prediction" in w.value for w in at.warning)
+    at.switch_page("pages/correction.py").run()
+    assert not at.exception and any("no model mask" in w.value for w in at.warning)

@@ -124,6 +124,28 @@ def test_upload_dicom_shows_four_panels_and_probabilities(new_page, shot, app_se
     expect(page.get_by_text("Decision support only").first).to_be_visible()
     expect(page.get_by_text("Window preset")).to_be_visible()  # DICOM: window/level offered
     shot(page, "review-dicom")
+
+    # Zoom in the X-ray panel: the Grad-CAM panel follows (matched axes).
+    plot = panels(page).locator(".js-plotly-plot").element_handle()
+    width = "(el, a) => el._fullLayout[a].range[1] - el._fullLayout[a].range[0]"
+    full = page.evaluate(f"([el, a]) => ({width})(el, a)", [plot, "xaxis4"])
+    box = panels(page).locator("g.imagelayer image").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(3):
+        page.mouse.wheel(0, -200)
+    page.wait_for_function(
+        f"([el, full]) => ({width})(el, 'xaxis4') < 0.9 * full", arg=[plot, full]
+    )
+    # Another window re-renders all panels from the stored raw pixels (no model run).
+    first = panels(page).locator("g.imagelayer image").first
+    before = first.get_attribute("href")
+    select = page.locator('[data-testid="stSelectbox"]').filter(has_text="Window preset")
+    select.click()
+    page.get_by_role("option", name="Lung", exact=True).click()
+    expect(page.get_by_text(re.compile(r"Centre \d+, width \d+ \(raw units\)"))).to_be_visible()
+    expect(first).not_to_have_attribute("href", before)
+    expect(panels(page).locator("g.imagelayer image")).to_have_count(4)
+    shot(page, "review-dicom-lung-window")
     page.get_by_role("heading", name="Class probabilities").scroll_into_view_if_needed()
     shot(page, "review-dicom-facts")
 
