@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_helpers import AppServer, go_to, sign_in
+from browser_helpers import AppServer, go_to, sign_in, wait_idle
 from dicom_samples import pydicom_data_file
 from playwright.sync_api import Locator, Page, expect
 
@@ -90,12 +90,25 @@ def metric_value(page: Page, label: str) -> Locator:
     return metric.locator('[data-testid="stMetricValue"]')
 
 
-def draw_stroke(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """Mouse down, move in steps, mouse up on the drawing canvas (fractions of its size)."""
+def canvas_box(page: Page) -> dict[str, float]:
     canvas = page.locator("canvas.dc-canvas").first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     assert box is not None
+    return box
+
+
+def draw_polygon(page: Page, points: list[tuple[float, float]]) -> None:
+    """Click the vertices, then the first one again to close (fractions of the canvas)."""
+    box = canvas_box(page)
+    for x, y in [*points, points[0]]:
+        page.mouse.click(box["x"] + x * box["width"], box["y"] + y * box["height"])
+        page.wait_for_timeout(150)  # distinct clicks, not a double click
+
+
+def draw_stroke(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """Mouse down, move in steps, mouse up on the drawing canvas (fractions of its size)."""
+    box = canvas_box(page)
     x0, y0 = box["x"] + start[0] * box["width"], box["y"] + start[1] * box["height"]
     x1, y1 = box["x"] + end[0] * box["width"], box["y"] + end[1] * box["height"]
     page.mouse.move(x0, y0)
@@ -159,6 +172,12 @@ def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> 
 
     draw_stroke(page, (0.2, 0.3), (0.8, 0.7))
     shot(page, "drawn")
+    changed = metric_value(page, "Changed pixels").inner_text()
+    page.get_by_text("Polygon: erase").click()
+    wait_idle(page)  # the canvas must have switched tools before the first click
+    draw_polygon(page, [(0.4, 0.4), (0.6, 0.4), (0.6, 0.6), (0.4, 0.6)])  # cuts the stroke
+    expect(metric_value(page, "Changed pixels")).not_to_have_text(changed)
+    shot(page, "polygon-erased")
     page.get_by_role("button", name="Save draft").click()
     expect(page.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
     shot(page, "saved")
@@ -168,7 +187,12 @@ def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> 
     version, mask = saved[0]
     assert version.author.name == "Alice Annotator"
     assert version.status == "draft" and not version.conflict
-    assert (mask ^ model_mask(app_server, study, "lung")).sum() > 100  # the stroke is in it
+    model = model_mask(app_server, study, "lung")
+    assert (mask ^ model).sum() > 100  # the stroke is in it
+    h, w = mask.shape
+    on_stroke = (round(0.3 * h + 0.05 * 0.4 / 0.6 * h), round(0.25 * w))
+    assert mask[on_stroke] and not model[on_stroke]  # added by the brush
+    assert not mask[h // 2, w // 2]  # removed again by the polygon
     expect(page.get_by_text("Alice Annotator (annotator)").first).to_be_visible()  # history
 
 
