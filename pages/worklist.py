@@ -89,7 +89,7 @@ def worklist_table(rows: list) -> int | None:
         key="worklist.table",
         column_config={
             "thumbnail": st.column_config.ImageColumn("X-ray", width="small"),
-            "study": st.column_config.TextColumn("Study", width="medium"),
+            "study": st.column_config.TextColumn("Study", width="large"),
             "class": st.column_config.TextColumn("Predicted class"),
             "confidence": st.column_config.ProgressColumn(
                 "Confidence", min_value=0.0, max_value=1.0, format="percent"
@@ -102,6 +102,9 @@ def worklist_table(rows: list) -> int | None:
                 "Uncertainty", format="%.3f", help="Mean binary entropy (bits) inside the lungs"
             ),
             "status": st.column_config.TextColumn("Status"),
+            "last touched by": st.column_config.TextColumn("Last touched by"),
+            "last touched (UTC)": st.column_config.TextColumn("Last touched (UTC)"),
+            "added (UTC)": st.column_config.TextColumn("Added (UTC)"),
         },
     )
     selected = list(event.selection.rows) if event is not None else []
