@@ -310,6 +310,13 @@ def get_model_version(session: Session, version: str) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.version == version))
 
 
+def get_model_version_by_sha256(session: Session, sha256: str) -> ModelVersion | None:
+    """The version registered for a checkpoint file with these bytes, if any."""
+    return session.scalar(
+        select(ModelVersion).where(ModelVersion.checkpoint_sha256 == sha256).limit(1)
+    )
+
+
 def get_active_model_version(session: Session) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.active.is_(True)))
 

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
-
 from database import repository as repo
 from database.models import ModelVersion
 from inference.model import CheckpointError, LoadedModel, file_sha256
@@ -50,7 +48,7 @@ def register_checkpoint(
     newly registered one active. Returns (version row, newly registered)."""
     sha = file_sha256(path)
     with scope(write=False) as session:
-        known = session.scalar(select(ModelVersion).where(ModelVersion.checkpoint_sha256 == sha))
+        known = repo.get_model_version_by_sha256(session, sha)
     if known is not None:
         return known, False
     model = load_model(path)
