@@ -245,3 +245,52 @@ def test_without_a_checkpoint_the_app_explains_instead_of_crashing(
     assert not at.exception and any("No prediction" in w.value for w in at.warning)
     at.switch_page("pages/correction.py").run()
     assert not at.exception and any("no model mask" in w.value for w in at.warning)
+
+
+def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
+    app_env: str, tmp_path: Path, random_checkpoint: Path
+) -> None:
+    """A second version registered beside the bootstrap one: a researcher activates it, the
+    worklist's studies lack its predictions until "Re-predict", then rolls back."""
+    from inference.model import file_sha256, load_checkpoint, save_checkpoint
+
+    base = load_checkpoint(random_checkpoint)  # same weights, its own version and file hash
+    second = save_checkpoint(base.model, tmp_path / "second.pt", meta={"version": "second-test"})
+    at = run_app()  # bootstraps the database when this test runs alone
+    scope = scope_for(app_env)
+    with scope() as s:
+        first = repo.get_active_model_version(s)
+        first_id, first_name = first.id, first.version
+        new = repo.register_model_version(s, "second-test", second, file_sha256(second),
+                                          metrics={"val": {"lung_dice": 0.5}}, parent=first)
+        new_id = new.id
+
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert set(table["version"]) >= {first_name, "second-test"}
+    assert table.loc[table["version"] == first_name, "active"].item() == "●"
+    assert next(b for b in at.button if b.label == "Activate").disabled  # nobody signed in
+
+    at.switch_page("app.py").run()  # sign in from the worklist, then back
+    sign_in(at, "Rhea Searcher", "researcher")
+    at.switch_page("pages/models.py").run()
+    at.selectbox(key="models.activate").select(new_id).run()
+    activate = next(b for b in at.button if b.label == "Activate")
+    activate.click().run()
+    assert not at.exception, at.exception
+    with scope(write=False) as s:
+        assert repo.get_active_model_version(s).id == new_id
+
+    repredict = next(b for b in at.button if b.label.startswith("Re-predict"))
+    assert repredict.label == "Re-predict 6 studies with the active version"
+    repredict.click().run()
+    assert not at.exception, at.exception
+    with scope(write=False) as s:
+        rows = repo.worklist(s, model_version_id=new_id)
+        assert rows and all(r.prediction_id is not None for r in rows)
+
+    at.selectbox(key="models.activate").select(first_id).run()  # roll back
+    next(b for b in at.button if b.label == "Activate").click().run()
+    with scope(write=False) as s:
+        assert repo.get_active_model_version(s).id == first_id
