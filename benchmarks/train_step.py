@@ -26,7 +26,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from inference.model import ModelConfig, build_model  # noqa: E402
-from training.loop import PartialLabelLoss, train_step  # noqa: E402
+from training.loop import train_step  # noqa: E402
+from training.losses import MultiTaskLoss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 SETTINGS = {
@@ -53,7 +54,7 @@ def main() -> None:
     img = torch.rand(args.batch_size, 1, size, size, generator=gen)
     masks = (torch.rand(args.batch_size, 2, size, size, generator=gen) > 0.5).float()
     labels = torch.randint(0, len(config.class_names), (args.batch_size,), generator=gen)
-    loss_fn = PartialLabelLoss()
+    loss_fn = MultiTaskLoss()
 
     runs = {}
     for name, (_, channels_last) in SETTINGS.items():

@@ -276,3 +276,23 @@ def test_evaluate_arrays_in_memory(mini_root: Path) -> None:
     assert m["classification"]["accuracy"] == pytest.approx(val["accuracy"])
     with pytest.raises(ValueError, match="expects 256x256"):
         predict_arrays(model, load_split(mini_root, "Test", size=64))
+
+
+def test_unlabelled_corrections_train_masks_but_not_the_class() -> None:
+    from training.losses import NO_LABEL
+
+    torch.manual_seed(0)
+    loss_fn = MultiTaskLoss()
+    mask_logits = torch.randn(4, 2, 16, 16)
+    class_logits = torch.randn(4, 3, requires_grad=True)
+    masks = (torch.rand(4, 2, 16, 16) > 0.5).float()
+    labels = torch.tensor([0, 2, NO_LABEL, NO_LABEL])
+
+    _, parts = loss_fn(mask_logits, class_logits, masks, labels)
+    plain = torch.nn.functional.cross_entropy(class_logits[:2], labels[:2], label_smoothing=0.05)
+    assert parts["class"] == pytest.approx(float(plain))
+
+    total, parts = loss_fn(mask_logits, class_logits, masks, torch.full((4,), NO_LABEL))
+    assert parts["class"] == 0.0
+    total.backward()  # the graph still runs, with no class gradient
+    assert torch.count_nonzero(class_logits.grad) == 0

@@ -19,7 +19,7 @@ What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
    to judge one version is never trained on by the next.
 3. Replay: each batch mixes ``--replay-ratio`` of COVID-QU-Ex Train samples (with their class
    labels) into the corrections so the model does not forget what it knew. Corrections carry
-   no class, so they stay out of the class loss (``training.loop.PartialLabelLoss``); the
+   no class, so they stay out of the class loss (``training.losses.MultiTaskLoss``); the
    replayed samples still train the class head.
 4. Fine-tuning from ``--base`` (default: the active model version's checkpoint) with AdamW,
    warm-up + cosine LR, bf16 autocast and channels_last (``training.loop.train_step``).
@@ -71,7 +71,8 @@ from inference.model import (
 from inference.preprocess import Letterbox, to_float_pixels
 from training.data import SplitArrays, list_samples, load_split, read_gray, to_tensors
 from training.evaluate import predict_arrays
-from training.loop import NO_LABEL, PartialLabelLoss, lr_at, train_step
+from training.loop import lr_at, train_step
+from training.losses import NO_LABEL, MultiTaskLoss
 from training.metrics import dice_iou_per_image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -543,7 +544,7 @@ def _finetune(
         model = model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    loss_fn = PartialLabelLoss()
+    loss_fn = MultiTaskLoss()
     torch.manual_seed(opts.seed)  # dropout in the class head uses the global generator
     gen = torch.Generator().manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)

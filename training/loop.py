@@ -11,13 +11,9 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from inference.model import InfMapNet, ModelConfig
 from training.augment import augment
-from training.losses import MultiTaskLoss
-
-NO_LABEL = -1  # class label of a sample that has masks but no class (a human mask correction)
 
 
 def normalise(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -30,43 +26,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class PartialLabelLoss(MultiTaskLoss):
-    """``MultiTaskLoss`` where a sample labelled ``NO_LABEL`` trains the masks but not the class.
-
-    Mask corrections carry no diagnosis, so they stay out of the class cross-entropy; the
-    replayed COVID-QU-Ex samples in the same batch still train the class head. The class term is
-    the mean over labelled samples only (0 when a batch has none), so with every sample labelled
-    this equals ``MultiTaskLoss`` exactly.
-    """
-
-    def forward(
-        self,
-        mask_logits: torch.Tensor,
-        class_logits: torch.Tensor,
-        masks: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        mask_logits = mask_logits.float()
-        parts: dict[str, torch.Tensor] = {}
-        for ch, name in enumerate(("lung", "infection")):
-            logit, target = mask_logits[:, ch : ch + 1], masks[:, ch : ch + 1]
-            parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
-                logit, target
-            )
-        labelled = labels != NO_LABEL
-        if bool(labelled.any()):
-            parts["class"] = F.cross_entropy(
-                class_logits.float()[labelled], labels[labelled], label_smoothing=0.05
-            )
-        else:
-            parts["class"] = class_logits.float().sum() * 0.0  # keeps the graph, adds nothing
-        total = (
-            parts["lung"] + self.infection_weight * parts["infection"]
-            + self.class_weight * parts["class"]
-        )
-        return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
 def train_step(

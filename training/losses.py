@@ -2,6 +2,10 @@
 
 Dice is computed pooled over the batch (smp's default), so images with empty infection masks
 (all Normal and Non-COVID) still contribute through BCE and the pooled denominator.
+
+A sample labelled ``NO_LABEL`` trains the masks but not the class: a human mask correction
+carries no diagnosis. The class term is the mean over labelled samples only (0 when a batch has
+none), so a fully labelled batch (training from scratch) gets the plain cross-entropy.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+NO_LABEL = -1  # class label of a sample that has masks but no class (a human mask correction)
 
 
 class MultiTaskLoss(nn.Module):
@@ -33,7 +39,15 @@ class MultiTaskLoss(nn.Module):
             parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
                 logit, target
             )
-        parts["class"] = F.cross_entropy(class_logits.float(), labels, label_smoothing=0.05)
+        labelled = labels != NO_LABEL
+        if bool(labelled.all()):
+            parts["class"] = F.cross_entropy(class_logits.float(), labels, label_smoothing=0.05)
+        elif bool(labelled.any()):
+            parts["class"] = F.cross_entropy(
+                class_logits.float()[labelled], labels[labelled], label_smoothing=0.05
+            )
+        else:
+            parts["class"] = class_logits.float().sum() * 0.0  # keeps the graph, adds nothing
         total = (
             parts["lung"] + self.infection_weight * parts["infection"]
             + self.class_weight * parts["class"]
