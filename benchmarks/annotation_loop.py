@@ -53,7 +53,7 @@ from inference.model import (  # noqa: E402
     save_checkpoint,
 )
 from training import finetune as ft  # noqa: E402
-from training.data import SplitArrays, list_samples, load_split, read_gray, to_tensors  # noqa: E402
+from training.data import SplitArrays, list_samples, load_split, to_tensors  # noqa: E402
 from training.loop import lr_at, train_step  # noqa: E402
 from training.losses import MultiTaskLoss  # noqa: E402
 
@@ -91,26 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- data
 
 
-def read_arrays(samples: list, size: int) -> SplitArrays:
-    return SplitArrays(
-        images=np.stack([read_gray(s.image, size) for s in samples]),
-        lungs=np.stack([read_gray(s.lung_mask, size) > 127 for s in samples]).astype(np.uint8),
-        infections=np.stack([read_gray(s.infection_mask, size) > 127
-                             for s in samples]).astype(np.uint8),
-        labels=np.array([s.label for s in samples], np.int64),
-        names=[s.image.name for s in samples],
-    )
-
-
 def heldout_set(root: str, n_covid: int, n_other: int, seed: int, size: int) -> SplitArrays:
     """``n_covid`` COVID-19 + ``n_other`` Non-COVID/Normal Val images, a seeded choice."""
-    samples = list_samples(root, "Val")
-    rng = np.random.default_rng(seed + 100)
-    covid = [s for s in samples if s.label == COVID]
-    other = [s for s in samples if s.label != COVID]
-    pick = ([covid[i] for i in np.sort(rng.permutation(len(covid))[:n_covid])]
-            + [other[i] for i in np.sort(rng.permutation(len(other))[:n_other])])
-    return read_arrays(pick, size)
+    def pick(samples: list) -> list:
+        rng = np.random.default_rng(seed + 100)
+        covid = [s for s in samples if s.label == COVID]
+        other = [s for s in samples if s.label != COVID]
+        return ([covid[i] for i in np.sort(rng.permutation(len(covid))[:n_covid])]
+                + [other[i] for i in np.sort(rng.permutation(len(other))[:n_other])])
+
+    return ft.read_samples(root, "Val", size, pick)
 
 
 def oracle_order(root: str, seed: int) -> list:
@@ -140,9 +130,12 @@ def train_base(args: argparse.Namespace, config: ModelConfig, path: Path) -> dic
     the infection channel only ever sees empty masks."""
     keep = [CLASS_NAMES.index(c) for c in BASE_CLASSES]
     if args.tiny:
-        samples = [s for s in list_samples(args.data, "Train") if s.label in keep]
-        pick = np.random.default_rng(args.seed).permutation(len(samples))[:64]
-        data = read_arrays([samples[i] for i in np.sort(pick)], config.input_size)
+        def pick(samples: list) -> list:
+            pool = [s for s in samples if s.label in keep]
+            return [pool[i] for i in np.sort(np.random.default_rng(args.seed).permutation(
+                len(pool))[:64])]
+
+        data = ft.read_samples(args.data, "Train", config.input_size, pick)
     else:
         full = load_split(args.data, "Train", config.input_size, args.cache_dir or None)
         data = full.subset(np.flatnonzero(np.isin(full.labels, keep)))
@@ -362,7 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_minutes": round((time.monotonic() - t_all) / 60, 2),
     }
     name = "annotation_loop_tiny" if args.tiny else "annotation_loop"
-    result["figure"] = save_figure(result, out_dir)
+    result["figure"] = {k: v.replace(f"{REPO}/", "")  # repo-relative paths in the JSON
+                        for k, v in save_figure(result, out_dir).items()}
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     print(markdown_table(base_scores, rows))
     print(f"total {result['total_minutes']:.1f} min; wrote {out_dir / (name + '.json')}")
