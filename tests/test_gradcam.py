@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
+from model_helpers import calibrated_random_model
 
 from inference.gradcam import cam_from_features, gradcam, gradcam_reference
-from inference.model import InfMapNet, ModelConfig, build_model
+from inference.model import InfMapNet, ModelConfig
 from inference.preprocess import Letterbox
 
 CONFIG = ModelConfig(input_size=256, decoder_channels=[16, 8, 8, 8, 8])  # 8x8 last stage
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model() -> InfMapNet:
-    """Random weights with BatchNorm statistics calibrated so the last stage is O(1), not ~1e-8
-    (otherwise ReLU/normalisation act on noise and the comparison means little)."""
-    torch.manual_seed(0)
-    net = build_model(CONFIG)
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(4, 1, 256, 256) * 4 - 2)
-    return net.eval()
+    return calibrated_random_model(CONFIG)
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -4,7 +4,6 @@ overlays."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,8 +11,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from model_helpers import calibrated_random_model
 
-from inference.model import LoadedModel, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from inference.model import LoadedModel, ModelConfig, load_checkpoint, save_checkpoint
 from inference.overlay import heatmap_overlay, mask_overlay, to_uint8_rgb
 from inference.predict import (
     infection_percentages,
@@ -27,41 +27,10 @@ from inference.severity import grade, lung_score, severity
 SMALL = ModelConfig(input_size=128, decoder_channels=[16, 8, 8, 8, 8])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The real model trains on this machine; keep the tests to one core.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def random_model(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A random network whose activations neither vanish nor saturate.
-
-    Fresh BatchNorm running stats (mean 0, var 1) make a deep random net's last stage ~1e-8;
-    one train-mode pass with cumulative statistics calibrates them like a trained net.
-    """
-    torch.manual_seed(seed)
-    model = build_model(config)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        s = config.input_size
-        model(torch.rand(4, 1, s, s) * 4 - 2)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.1
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     path = tmp_path_factory.mktemp("ckpt") / "small.pt"
-    save_checkpoint(random_model(SMALL), path, meta={"version": "test-0"})
+    save_checkpoint(calibrated_random_model(SMALL), path, meta={"version": "test-0"})
     return load_checkpoint(path)
 
 
