@@ -106,6 +106,28 @@ def draw_polygon(page: Page, points: list[tuple[float, float]]) -> None:
         page.wait_for_timeout(150)  # distinct clicks, not a double click
 
 
+# Reads a pixel of the correction page's "Result" image (the mask that will be saved, tinted on
+# the X-ray) in the browser: gray means no mask there. Lets a test wait for the canvas's final
+# state instead of an intermediate one, which the canvas streams while a polygon is drawn.
+RESULT_PIXEL_IS_GRAY = """([fx, fy]) => {
+    const box = [...document.querySelectorAll('[data-testid="stImage"]')]
+        .find((el) => el.textContent.includes('Result'));
+    const img = box && box.querySelector('img');
+    if (!img || !img.complete || !img.naturalWidth) return false;
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const ctx = c.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const x = Math.floor(fx * c.width), y = Math.floor(fy * c.height);
+    const [r, g, b] = ctx.getImageData(x, y, 1, 1).data;
+    return Math.max(r, g, b) - Math.min(r, g, b) < 12;
+}"""
+
+
+def wait_result_gray_at(page: Page, fx: float, fy: float) -> None:
+    page.wait_for_function(RESULT_PIXEL_IS_GRAY, arg=[fx, fy])
+
+
 def draw_stroke(page: Page, start: tuple[float, float], end: tuple[float, float]) -> None:
     """Mouse down, move in steps, mouse up on the drawing canvas (fractions of its size)."""
     box = canvas_box(page)
@@ -177,6 +199,8 @@ def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> 
     wait_idle(page)  # the canvas must have switched tools before the first click
     draw_polygon(page, [(0.4, 0.4), (0.6, 0.4), (0.6, 0.6), (0.4, 0.6)])  # cuts the stroke
     expect(metric_value(page, "Changed pixels")).not_to_have_text(changed)
+    wait_result_gray_at(page, 0.5, 0.5)  # the closed polygon, not a half-drawn one, is applied
+    wait_idle(page)
     shot(page, "polygon-erased")
     page.get_by_role("button", name="Save draft").click()
     expect(page.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
