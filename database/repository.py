@@ -709,6 +709,7 @@ def training_annotations(
 @dataclass(frozen=True)
 class WorklistRow:
     image_id: int
+    sha256: str  # content hash: the key the app caches thumbnails by
     display_name: str
     source: str
     created: datetime
@@ -789,6 +790,7 @@ def worklist(
     stmt = (
         select(
             Image.id,
+            Image.sha256,
             Image.display_name,
             Image.source,
             Image.created,
@@ -817,19 +819,20 @@ def worklist(
     for r in session.execute(stmt):
         row = WorklistRow(
             image_id=r[0],
-            display_name=r[1],
-            source=r[2],
-            created=r[3],
-            prediction_id=r[4],
-            predicted_class=r[5],
-            confidence=r[6],
-            infection_percent=r[7],
-            severity=r[8],
-            severity_score=r[9],
-            uncertainty=r[10],
-            status=derive_status(r[11]),
-            last_author=r[12],
-            last_touched=r[13],
+            sha256=r[1],
+            display_name=r[2],
+            source=r[3],
+            created=r[4],
+            prediction_id=r[5],
+            predicted_class=r[6],
+            confidence=r[7],
+            infection_percent=r[8],
+            severity=r[9],
+            severity_score=r[10],
+            uncertainty=r[11],
+            status=derive_status(r[12]),
+            last_author=r[13],
+            last_touched=r[14],
         )
         if wanted is None or row.status in wanted:
             rows.append(row)

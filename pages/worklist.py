@@ -71,9 +71,8 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
 def worklist_table(rows: list) -> int | None:
     """The table; returns the study picked by a row click (None when nothing new)."""
     records = studies.worklist_records(rows)
-    shas = studies.image_sha256s(common.db, [r.image_id for r in rows])
     for rec, row in zip(records, rows, strict=True):
-        rec["thumbnail"] = common.thumbnail(shas[row.image_id], row.image_id)
+        rec["thumbnail"] = common.thumbnail(row.sha256, row.image_id)
     frame = pd.DataFrame.from_records(records)
     columns = [
         "thumbnail", "study", "class", "confidence", "infection %", "severity", "status",

@@ -121,11 +121,6 @@ def study_info(scope: SessionFactory, image_id: int) -> StudyInfo | None:
         )
 
 
-def image_sha256s(scope: SessionFactory, image_ids: Sequence[int]) -> dict[int, str]:
-    with scope(write=False) as session:
-        return {i: img.sha256 for i in image_ids if (img := repo.get_image(session, i))}
-
-
 def load_xray_payload(scope: SessionFactory, image_id: int) -> XRay:
     """The stored de-identified X-ray (pixels, raw for window/level, metadata)."""
     with scope(write=False) as session:
