@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from inference.model import InfMapNet, ModelConfig
@@ -57,36 +56,3 @@ def train_step(
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     return parts
-
-
-@torch.no_grad()
-def predict_probabilities(
-    model: InfMapNet,
-    images: np.ndarray,
-    config: ModelConfig,
-    bf16: bool = True,
-    batch: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid mask maps (N,2,H,W float32) and class probabilities (N,C) for uint8 (N,H,W)
-    images already at the model's input size."""
-    model.eval()
-    masks, classes = [], []
-    for start in range(0, len(images), batch):
-        img = torch.from_numpy(images[start : start + batch]).float().div_(255.0).unsqueeze(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            mask_logits, class_logits = model(normalise(img, config))
-        masks.append(torch.sigmoid(mask_logits.float()).numpy())
-        classes.append(torch.softmax(class_logits.float(), 1).numpy())
-    if not masks:
-        size = config.input_size
-        return (np.zeros((0, 2, size, size), np.float32),
-                np.zeros((0, len(config.class_names)), np.float32))
-    return np.concatenate(masks), np.concatenate(classes)
-
-
-def binarise(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N,2,H,W) sigmoid maps -> bool lung and infection masks, infection kept inside lungs
-    (as at inference)."""
-    lung = probabilities[:, 0] > 0.5
-    infection = (probabilities[:, 1] > 0.5) & lung
-    return lung, infection
