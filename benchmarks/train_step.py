@@ -1,12 +1,13 @@
 """Does CPU bf16 autocast and channels_last make a training step faster here? Measured, not assumed.
 
-    python -m benchmarks.train_step [--batch-size 16] [--steps 8] [--threads T]
+    python -m benchmarks.train_step [--batch-size 16] [--steps 8] [--threads T] [--out JSON]
 
 Times ``training.loop.train_step`` (augment, forward, multi-task loss, backward, AdamW) of the
 shipped architecture on random 256x256 batches in four settings: float32, float32 +
 channels_last, bf16 autocast, bf16 autocast + channels_last. Settings are interleaved round by
 round in one process so machine load affects them alike; medians after two warm-up steps each.
-Ratios are against float32 in the same run. Writes ``benchmarks/results/train_step.json``.
+Ratios are against float32 in the same run. Writes ``benchmarks/results/train_step.json``
+(or ``--out``), with the CPU's capability: bf16 pays only where the CPU has it natively.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from inference.model import ModelConfig, build_model  # noqa: E402
-from training.loop import train_step  # noqa: E402
+from training.loop import cpu_has_native_bf16, train_step  # noqa: E402
 from training.losses import MultiTaskLoss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=8, help="timed steps per setting")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS), help="result JSON")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,12 +83,15 @@ def main() -> None:
     result = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "native_bf16": cpu_has_native_bf16()},
         "batch_size": args.batch_size, "input_size": size, "timed_steps": args.steps,
         "settings": rows,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"| setting (batch {args.batch_size}, {size} px) | s / step | images / s | vs float32 |")
     print("|---|---:|---:|---:|")
     for name, r in rows.items():

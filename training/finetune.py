@@ -22,7 +22,8 @@ What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
    no class, so they stay out of the class loss (``training.losses.MultiTaskLoss``); the
    replayed samples still train the class head.
 4. Fine-tuning from ``--base`` (default: the active model version's checkpoint) with AdamW,
-   warm-up + cosine LR, bf16 autocast and channels_last (``training.loop.train_step``).
+   warm-up + cosine LR, bf16 autocast (on CPUs with native bf16) and channels_last
+   (``training.loop.train_step``).
 5. Evaluation of base and new on the held-aside corrections (per-image mean lung and infection
    Dice over the human-drawn masks only; an image whose human and predicted masks are both
    empty scores 1, exactly one empty scores 0) and on a fixed seeded subset of COVID-QU-Ex Val
@@ -71,7 +72,7 @@ from inference.model import (
 from inference.preprocess import Letterbox, to_float_pixels
 from training.data import SplitArrays, list_samples, load_split, read_gray, to_tensors
 from training.evaluate import predict_arrays
-from training.loop import lr_at, train_step
+from training.loop import NATIVE_BF16, lr_at, train_step
 from training.losses import NO_LABEL, MultiTaskLoss
 from training.metrics import dice_iou_per_image
 
@@ -110,7 +111,7 @@ class FinetuneOptions:
     run_id: int | None = None
     version: str | None = None
     activate: str = "auto"  # "auto" (the rule), "never"
-    bf16: bool = True
+    bf16: bool = NATIVE_BF16  # autocast only where the CPU has native bf16
     channels_last: bool = True
     threads: int = 0
     cache_dir: str | None = ".cache/covid-qu-ex"
@@ -702,7 +703,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--activate", choices=("auto", "never"), default="auto")
     p.add_argument("--statuses", default=",".join(d.statuses))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="no CPU bf16 autocast (it is used only where the CPU has native bf16)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--cache-dir", default=d.cache_dir, help="COVID-QU-Ex decoded-array cache")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -717,7 +719,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
         replay_limit=a.replay_limit, val_size=a.val_size, holdout=a.holdout, seed=a.seed,
         tolerance=a.tolerance, run_id=a.run_id, version=a.version, activate=a.activate,
         statuses=tuple(x.strip() for x in a.statuses.split(",") if x.strip()),
-        threads=a.threads, bf16=not a.no_bf16, channels_last=not a.no_channels_last,
+        threads=a.threads, bf16=NATIVE_BF16 and not a.no_bf16, channels_last=not a.no_channels_last,
         cache_dir=a.cache_dir or None, progress=not a.no_progress,
         fail_after_step=a.fail_after_step,
     )

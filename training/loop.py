@@ -1,7 +1,8 @@
 """The pieces of a training step shared by ``training.train`` and ``training.finetune``.
 
 One optimisation step is: augment -> normalise -> channels_last -> forward under CPU bf16
-autocast -> multi-task loss (in float32) -> backward -> clip -> AdamW step. Keeping it in one
+autocast (where the CPU has native bf16, see ``NATIVE_BF16``) -> multi-task loss (in float32)
+-> backward -> clip -> AdamW step. Keeping it in one
 place means the shipped model and every fine-tuned version are trained the same way.
 """
 
@@ -13,6 +14,17 @@ import torch
 
 from inference.model import InfMapNet, ModelConfig
 from training.augment import augment
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated: on an AVX2-only
+    CPU a training step measured 8.2x slower than float32 + channels_last, where on an AMX CPU it
+    is 2x faster (``benchmarks/train_step.py``)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# The default for training and fine-tuning: bf16 autocast only where it is a speed-up.
+NATIVE_BF16 = cpu_has_native_bf16()
 
 
 def normalise(images: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -37,7 +49,7 @@ def train_step(
     generator: torch.Generator,
     config: ModelConfig,
     lr: float,
-    bf16: bool = True,
+    bf16: bool = NATIVE_BF16,
     channels_last: bool = True,
     clip: float = 5.0,
 ) -> dict[str, float]:

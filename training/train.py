@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from inference.model import InfMapNet, ModelConfig, build_model, save_checkpoint
 from training.data import SplitArrays, load_split, to_tensors
-from training.loop import lr_at, normalise, train_step
+from training.loop import NATIVE_BF16, lr_at, normalise, train_step
 from training.losses import MultiTaskLoss
 from training.metrics import dice_iou_per_image
 
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=0, help="use only N train/val images (tests)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (tests)")
     p.add_argument("--version", default="1.0.0")
-    p.add_argument("--no-bf16", action="store_true", help="disable CPU bf16 autocast")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="no CPU bf16 autocast (it is used only where the CPU has native bf16)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--save-every-min", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
@@ -88,7 +89,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    bf16 = not args.no_bf16
+    bf16 = NATIVE_BF16 and not args.no_bf16
     config = ModelConfig(encoder_name=args.encoder)
 
     train_data = load_split(args.data, "Train", config.input_size, args.cache_dir)
