@@ -8,7 +8,7 @@
    ``runs/bench/`` so reruns skip it.
 2. A fresh SQLite database with the base registered as the active model version.
 3. The oracle: ground-truth lung + infection masks of COVID-19 Train images (a seeded choice)
-   imported as ``submitted`` annotation versions through ``database.import_masks`` (the app's
+   imported as ``submitted`` annotation versions through ``services.import_masks`` (the app's
    import path), cumulatively 10, 25, 50, 100. After each import ``training.finetune.finetune``
    runs exactly as the app starts it (from the active version, replay of the base's own training
    classes, held-aside check, Val gate, registration, activation rule).
@@ -41,8 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from database import repository as repo  # noqa: E402
-from database.import_masks import import_masks  # noqa: E402
+from database import model_versions  # noqa: E402
 from database.session import init_db, session_scope  # noqa: E402
 from inference.model import (  # noqa: E402
     CLASS_NAMES,
@@ -52,6 +51,7 @@ from inference.model import (  # noqa: E402
     load_checkpoint,
     save_checkpoint,
 )
+from services.import_masks import import_masks  # noqa: E402
 from training import finetune as ft  # noqa: E402
 from training.data import SplitArrays, list_samples, load_split, to_tensors  # noqa: E402
 from training.loop import lr_at, train_step  # noqa: E402
@@ -281,9 +281,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     url = f"sqlite:///{db_file}"
     engine = init_db(url)
     with session_scope(engine) as s:
-        repo.register_model_version(s, "no-covid-base", str(base_path), file_sha256(base_path),
-                                    lineage={"source": "benchmark base", **base_info},
-                                    activate=True)
+        model_versions.register_model_version(
+            s, "no-covid-base", str(base_path), file_sha256(base_path),
+            lineage={"source": "benchmark base", **base_info}, activate=True)
 
     # 3. the fixed held-out set and the base's score on it
     heldout = heldout_set(args.data, args.heldout_covid, args.heldout_other, args.seed,

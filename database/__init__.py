@@ -1,17 +1,27 @@
-"""Persistence for InfMap: SQLAlchemy models, engine/session setup, migrations and the
-repository of operations the app uses. Knows nothing of Streamlit.
+"""Persistence for InfMap: SQLAlchemy models, engine/session setup, migrations and one module
+of operations per aggregate. Storage only: knows nothing of Streamlit, inference or services.
 
-Typical use::
+- ``database.session``         engine, SQLite settings, migrations, ``session_scope``
+- ``database.models``          the tables
+- ``database.masks``           binary masks <-> PNG bytes
+- ``database.users``           users and roles
+- ``database.images``          studies and their file store (de-identified payloads)
+- ``database.model_versions``  registered checkpoints, the active one, lineage
+- ``database.predictions``     the model's output per (image, model version)
+- ``database.annotations``     append-only human masks, concurrency, review, training set
+- ``database.worklist``        the worklist and the next study to look at
+- ``database.runs``            fine-tuning runs
 
-    from database import init_db, session_scope, repository as repo
+Every operation takes a Session and never commits: the caller owns the transaction::
+
+    from database import init_db, session_scope, users
 
     engine = init_db()                      # DATABASE_URL or data/infmap.sqlite, migrated to head
     with session_scope(engine) as s:
-        user = repo.get_or_create_user(s, "ann", "annotator")
+        user = users.get_or_create_user(s, "ann", "annotator")
 """
 
-from database import repository
-from database.repository import RoleError, StaleVersionError
+from database.annotations import RoleError, StaleVersionError
 from database.session import data_dir_for, init_db, make_engine, session_scope
 
 __all__ = [
@@ -20,6 +30,5 @@ __all__ = [
     "data_dir_for",
     "init_db",
     "make_engine",
-    "repository",
     "session_scope",
 ]

@@ -25,13 +25,14 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
+from settings import MASK_KINDS, ROLES
+
 IMAGE_SOURCES: tuple[str, ...] = ("upload", "sample", "import")
-MASK_KINDS: tuple[str, ...] = ("lung", "infection")
 ANNOTATION_STATUSES: tuple[str, ...] = ("draft", "submitted", "approved", "returned")
 REVIEW_STATUSES: tuple[str, ...] = ("approved", "returned")  # radiologists only
 RUN_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "interrupted")
@@ -224,3 +225,13 @@ class FinetuneRun(Base):
     finished: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     model_version: Mapped[ModelVersion | None] = relationship()
+
+
+@event.listens_for(AnnotationVersion, "before_update")
+def _refuse_update(mapper: Any, connection: Any, target: AnnotationVersion) -> None:
+    raise RuntimeError("annotation versions are append-only: save a new version instead")
+
+
+@event.listens_for(AnnotationVersion, "before_delete")
+def _refuse_delete(mapper: Any, connection: Any, target: AnnotationVersion) -> None:
+    raise RuntimeError("annotation versions are append-only and are never deleted")

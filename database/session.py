@@ -1,8 +1,9 @@
 """Engine, SQLite settings, schema upgrades and the transaction helper.
 
-The database is ``DATABASE_URL`` or ``sqlite:///<repo>/data/infmap.sqlite``. Image payloads live
-in a file store next to the SQLite file (``<data_dir>/images/<sha256>.npz``); ``INFMAP_DATA_DIR``
-overrides where that is (needed for non-SQLite URLs that have no file to sit next to).
+The database is ``settings.database_url()`` (``DATABASE_URL`` or
+``sqlite:///<repo>/data/infmap.sqlite``). Image payloads live in a file store next to the SQLite
+file (``<data_dir>/images/<sha256>.npz``); ``INFMAP_DATA_DIR`` overrides where that is (needed for
+non-SQLite URLs that have no file to sit next to).
 
 SQLite transactions follow SQLAlchemy's documented recipe for the ``sqlite3`` driver ("Enabling
 Non-Legacy SQLite Transactional Modes", the former "Serializable isolation / Savepoints /
@@ -16,7 +17,6 @@ never block writers (WAL).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,15 +26,11 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATABASE_PATH = REPO_ROOT / "data" / "infmap.sqlite"
+import settings
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 10_000
 _BEGIN_OPTION = "infmap_sqlite_begin"  # execution option: "IMMEDIATE" (default) or "DEFERRED"
-
-
-def default_database_url() -> str:
-    return os.environ.get("DATABASE_URL") or f"sqlite:///{DEFAULT_DATABASE_PATH}"
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -49,12 +45,12 @@ def _sqlite_file(url: URL) -> Path | None:
 
 def data_dir_for(bind: Engine | URL | str) -> Path:
     """The file-store root for a database: ``INFMAP_DATA_DIR``, else the SQLite file's folder."""
-    env = os.environ.get("INFMAP_DATA_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
+    override = settings.data_dir_override()
+    if override is not None:
+        return override
     url = bind.url if isinstance(bind, Engine) else make_url(bind)
     db_file = _sqlite_file(url)
-    return db_file.parent if db_file is not None else REPO_ROOT / "data"
+    return db_file.parent if db_file is not None else settings.DEFAULT_DATA_DIR
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
@@ -79,8 +75,8 @@ def _install_sqlite_hooks(engine: Engine) -> None:
 
 
 def make_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
-    """An engine for ``url`` (default: ``default_database_url()``) with the SQLite settings."""
-    url = make_url(url or default_database_url())
+    """An engine for ``url`` (default: ``settings.database_url()``) with the SQLite settings."""
+    url = make_url(url or settings.database_url())
     db_file = _sqlite_file(url)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +92,7 @@ def alembic_config(url: str | URL | None = None) -> Any:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    rendered = make_url(url or default_database_url()).render_as_string(hide_password=False)
+    rendered = make_url(url or settings.database_url()).render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
     return cfg
 

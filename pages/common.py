@@ -21,11 +21,12 @@ import streamlit as st
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+import settings
 from database.session import init_db, session_scope
 from inference.loading import XRay
 from inference.model import CheckpointError, LoadedModel, load_checkpoint
 from services import bootstrap as boot
-from services import identity, runtime, studies
+from services import identity, studies
 
 log = logging.getLogger("infmap.app")
 
@@ -44,7 +45,7 @@ def _engine(url: str) -> Engine:
 
 
 def engine() -> Engine:
-    return _engine(runtime.database_url())
+    return _engine(settings.database_url())
 
 
 @contextmanager
@@ -75,7 +76,7 @@ def _bootstrap(url: str, checkpoint: str, samples: str) -> boot.BootstrapReport:
 def bootstrap() -> boot.BootstrapReport:
     with st.spinner("First start: preparing the database, the model and the sample cases..."):
         return _bootstrap(
-            runtime.database_url(), str(runtime.checkpoint_path()), str(runtime.samples_dir())
+            settings.database_url(), str(settings.checkpoint_path()), str(settings.samples_dir())
         )
 
 
@@ -115,7 +116,7 @@ def prediction_for(
 ) -> studies.PredictionView | None:
     """The model's stored output for a study (computed and stored first if missing), cached per
     (image sha256, model version) and database."""
-    return _prediction_for(runtime.database_url(), sha256, model_version, image_id, model)
+    return _prediction_for(settings.database_url(), sha256, model_version, image_id, model)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -143,7 +144,7 @@ def _version_mask(database_url: str, version_id: int) -> np.ndarray:
 
 def version_mask(version_id: int) -> np.ndarray:
     """A saved version's mask (versions are append-only: cached for good)."""
-    return _version_mask(runtime.database_url(), version_id)
+    return _version_mask(settings.database_url(), version_id)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -1,8 +1,9 @@
 """Models: versions with metrics and lineage, fine-tuning on the corrections, activation.
 
 Thin page: the work is ``training.finetune`` (run as a detached background process that reports
-into ``finetune_runs``), ``database.repository`` (versions, runs, activation) and
-``services.ingest.ensure_prediction`` (re-predicting studies with the active version).
+into ``finetune_runs``), ``database.model_versions`` and ``database.runs`` (versions, runs,
+activation) and ``services.ingest.ensure_prediction`` (re-predicting studies with the active
+version).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from database import repository as repo
+import settings
+from database import annotations, model_versions, runs
 from database.session import data_dir_for
 from pages import common
-from services import ingest, runtime, studies
+from services import ingest, studies
 from training import finetune as ft
 
 MANAGERS = ("radiologist", "researcher")  # who may start fine-tuning and change the model
@@ -54,7 +56,7 @@ def dice(v: Any) -> float | None:
 # ----------------------------------------------------------------------------- reading
 def version_records() -> list[dict[str, Any]]:
     with common.db(write=False) as s:
-        rows = repo.list_model_versions(s)
+        rows = model_versions.list_model_versions(s)
         names = {r.id: r.version for r in rows}
         out = []
         for r in reversed(rows):  # oldest first
@@ -82,7 +84,7 @@ def version_records() -> list[dict[str, Any]]:
 def corrections_available() -> tuple[int, int]:
     """(studies, annotation versions) that a fine-tuning run would use now."""
     with common.db(write=False) as s:
-        versions = repo.training_annotations(s)
+        versions = annotations.training_annotations(s)
         return len({v.image_id for v in versions}), len(versions)
 
 
@@ -93,7 +95,7 @@ def run_records(limit: int = 10) -> list[dict[str, Any]]:
             "message": r.message or "", "pid": r.pid, "created": r.created,
             "started": r.started, "finished": r.finished,
             "model_version": r.model_version.version if r.model_version else "",
-        } for r in repo.list_runs(s, limit=limit)]
+        } for r in runs.list_runs(s, limit=limit)]
 
 
 def is_stale(run: dict[str, Any]) -> bool:
@@ -198,7 +200,7 @@ def activation_section(records: list[dict[str, Any]]) -> None:
             st.error("This version's checkpoint file is missing; it cannot be activated.")
             return
         with common.db() as s:
-            repo.set_active_model_version(s, target)
+            model_versions.set_active_model_version(s, target)
         st.toast(f"{by_id[target]['version']} is now the active model.")
         st.rerun()
 
@@ -257,11 +259,11 @@ def start_section(runs: list[dict[str, Any]]) -> None:
     if why:
         st.caption(why)
     if go_ and why is None:
-        url = runtime.database_url()
+        url = settings.database_url()
         args = {"steps": int(steps), "replay_ratio": float(replay), "seed": int(seed),
                 "tolerance": float(tol), "data": data or None, "by": common.user().name}
         with common.db() as s:
-            run_id = int(repo.create_run(s, args).id)
+            run_id = int(runs.create_run(s, args).id)
         folder = data_dir_for(url) / "models"
         folder.mkdir(parents=True, exist_ok=True)
         extra = ["--steps", str(int(steps)), "--replay-ratio", str(float(replay)),
@@ -273,7 +275,7 @@ def start_section(runs: list[dict[str, Any]]) -> None:
                                         log_path=folder / f"finetune-run{run_id}.log")
         except OSError as exc:
             with common.db() as s:
-                repo.finish_run(s, run_id, "failed", message=f"could not start: {exc}")
+                runs.finish_run(s, run_id, "failed", message=f"could not start: {exc}")
             st.error(f"The fine-tuning process could not be started: {exc}")
             return
         _children()[run_id] = proc
@@ -291,7 +293,7 @@ def runs_panel() -> None:
     newest = runs[0]
     seen = st.session_state.get(SEEN_RUN)
     state = (newest["id"], newest["status"])
-    if seen is not None and seen != state and newest["status"] in repo.FINISHED_RUN_STATUSES:
+    if seen is not None and seen != state and newest["status"] in runs.FINISHED_RUN_STATUSES:
         st.session_state[SEEN_RUN] = state
         st.rerun(scope="app")  # a run finished: refresh the versions table and charts
     st.session_state[SEEN_RUN] = state
@@ -302,7 +304,7 @@ def runs_panel() -> None:
                            "restarted); nothing was registered.", icon=":material/warning:")
                 if can_manage() and st.button("Mark as interrupted", key=f"stale.{r['id']}"):
                     with common.db() as s:
-                        repo.finish_run(s, r["id"], "interrupted",
+                        runs.finish_run(s, r["id"], "interrupted",
                                         message="process ended without reporting (killed?)")
                     st.rerun(scope="app")
             else:
@@ -334,7 +336,7 @@ def main() -> None:
     start_section(run_records())
     st.subheader("Fine-tuning runs")
     runs_panel()
-    st.caption(f"Run logs: `{data_dir_for(runtime.database_url()) / 'models'}`; "
+    st.caption(f"Run logs: `{data_dir_for(settings.database_url()) / 'models'}`; "
                f"server pid {os.getpid()}.")
 
 

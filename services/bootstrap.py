@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from database import repository as repo
+from database import model_versions
 from database.models import ModelVersion
 from inference.model import CheckpointError, LoadedModel, file_sha256
 from services.ingest import IngestOutcome, ModelHandle, SessionFactory, ingest_file
@@ -48,17 +48,17 @@ def register_checkpoint(
     newly registered one active. Returns (version row, newly registered)."""
     sha = file_sha256(path)
     with scope(write=False) as session:
-        known = repo.get_model_version_by_sha256(session, sha)
+        known = model_versions.get_model_version_by_sha256(session, sha)
     if known is not None:
         return known, False
     model = load_model(path)
     name = version_name(model, sha)
     meta = model.meta
     with scope() as session:
-        existing = repo.get_model_version(session, name)
+        existing = model_versions.get_model_version(session, name)
         if existing is not None and existing.checkpoint_sha256 not in (None, sha):
             name = f"{name}+{sha[:8]}"  # same version string, different weights
-        row = repo.register_model_version(
+        row = model_versions.register_model_version(
             session,
             name,
             str(path),
@@ -120,7 +120,7 @@ def bootstrap(
             log.debug("checkpoint is model version %s", row.version)
     handle = None
     with scope(write=False) as session:
-        active = repo.get_active_model_version(session)
+        active = model_versions.get_active_model_version(session)
     if active is not None:
         report.model_version = active.version
         try:

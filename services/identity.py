@@ -1,7 +1,7 @@
 """Who is using the app: the one seam where a real log-in replaces the name + role form.
 
 Today the user types a name and picks a role in the sidebar; that becomes a ``users`` row
-(``database.repository.get_or_create_user``) and an :class:`Identity` kept in the session state.
+(``database.users.get_or_create_user``) and an :class:`Identity` kept in the session state.
 A log-in later replaces :func:`sign_in` (and adds a password check) without touching the pages,
 which only ever call :func:`current_user` and the ``can_*`` rules below.
 """
@@ -50,13 +50,13 @@ def sign_in(
     session_scope: Callable[[], AbstractContextManager[Any]],
 ) -> Identity:
     """Validate, record the user in the database and remember them in ``state``."""
-    from database import repository
+    from database import users
 
     name = clean_name(name)
     if role not in ROLES:
         raise IdentityError(f"Role must be one of {', '.join(ROLES)}.")
     with session_scope() as session:
-        user = repository.get_or_create_user(session, name, role)
+        user = users.get_or_create_user(session, name, role)
         identity = Identity(user_id=int(user.id), name=user.name, role=user.role)
     state[SESSION_KEY] = identity
     return identity

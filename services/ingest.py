@@ -15,7 +15,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from database import repository as repo
+from sqlalchemy.orm import Session
+
+from database import images, predictions
+from database.models import Image
 from inference.loading import UnsupportedImage, XRay, load_xray, xray_to_npz_bytes
 from inference.model import LoadedModel
 from inference.predict import predict
@@ -52,15 +55,33 @@ def ensure_prediction(
 ) -> bool:
     """Predict and store for (image, model version) unless stored. True if the model ran."""
     with scope(write=False) as session:
-        if repo.get_prediction(session, image_id, handle.version_id) is not None:
+        if predictions.get_prediction(session, image_id, handle.version_id) is not None:
             return False
     prediction = predict(xray, handle.model)
     # The registered name is authoritative (a checkpoint without a version is registered under
     # a name derived from its hash).
     prediction = dataclasses.replace(prediction, model_version=handle.version)
     with scope() as session:
-        repo.store_prediction(session, image_id, handle.version_id, prediction)
+        predictions.store_prediction(session, image_id, handle.version_id, prediction)
     return True
+
+
+def store_xray(
+    session: Session, xray: XRay, name: str, source: str = "upload"
+) -> tuple[Image, bool]:
+    """Store ``xray`` (its de-identified payload, deduplicated by the original file's hash) in
+    the caller's transaction. Returns (image row, created)."""
+    height, width = xray.pixels.shape[:2]
+    return images.add_image(
+        session,
+        xray_to_npz_bytes(xray),
+        xray.sha256,
+        name,
+        xray.metadata,
+        width=width,
+        height=height,
+        source=source,
+    )
 
 
 def ingest_xray(
@@ -70,18 +91,8 @@ def ingest_xray(
     models: Iterable[ModelHandle],
     source: str = "upload",
 ) -> IngestOutcome:
-    height, width = xray.pixels.shape
     with scope() as session:
-        image, created = repo.add_image(
-            session,
-            xray_to_npz_bytes(xray),
-            xray.sha256,
-            name,
-            xray.metadata,
-            width=width,
-            height=height,
-            source=source,
-        )
+        image, created = store_xray(session, xray, name, source)
         image_id = int(image.id)
     ran = tuple(h.version for h in models if ensure_prediction(scope, image_id, xray, h))
     return IngestOutcome(name=name, image_id=image_id, created=created, predicted=ran)

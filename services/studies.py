@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from database import repository as repo
+from database import annotations, images, model_versions, predictions
+from database import worklist as worklist_queries
 from database.models import User
 from inference.gradcam import gradcam
 from inference.loading import XRay, xray_from_npz_bytes
@@ -98,7 +99,7 @@ class SaveOutcome:
 # ----------------------------------------------------------------------------- reading
 def active_model(scope: SessionFactory) -> ModelInfo | None:
     with scope(write=False) as session:
-        row = repo.get_active_model_version(session)
+        row = model_versions.get_active_model_version(session)
         if row is None:
             return None
         return ModelInfo(row.id, row.version, row.checkpoint_path, row.checkpoint_sha256)
@@ -106,7 +107,7 @@ def active_model(scope: SessionFactory) -> ModelInfo | None:
 
 def study_info(scope: SessionFactory, image_id: int) -> StudyInfo | None:
     with scope(write=False) as session:
-        img = repo.get_image(session, image_id)
+        img = images.get_image(session, image_id)
         if img is None:
             return None
         return StudyInfo(
@@ -124,15 +125,15 @@ def study_info(scope: SessionFactory, image_id: int) -> StudyInfo | None:
 def load_xray_payload(scope: SessionFactory, image_id: int) -> XRay:
     """The stored de-identified X-ray (pixels, raw for window/level, metadata)."""
     with scope(write=False) as session:
-        img = repo.get_image(session, image_id)
+        img = images.get_image(session, image_id)
         if img is None:
             raise LookupError(f"no study {image_id}")
-        data = repo.read_image_payload(img)
+        data = images.read_image_payload(img)
     return xray_from_npz_bytes(data)
 
 
 def _prediction_view(row: Any, version: str) -> PredictionView:
-    lung, infection = repo.prediction_masks(row)
+    lung, infection = predictions.prediction_masks(row)
     return PredictionView(
         prediction_id=row.id,
         model_version=version,
@@ -155,7 +156,7 @@ def stored_prediction(
     scope: SessionFactory, image_id: int, model: ModelInfo
 ) -> PredictionView | None:
     with scope(write=False) as session:
-        row = repo.get_prediction(session, image_id, model.id)
+        row = predictions.get_prediction(session, image_id, model.id)
         return None if row is None else _prediction_view(row, model.version)
 
 
@@ -221,21 +222,21 @@ def _version_info(v: Any) -> VersionInfo:
 def list_versions(scope: SessionFactory, image_id: int, kind: str) -> list[VersionInfo]:
     """All versions of (image, kind), oldest first (conflict drafts included)."""
     with scope(write=False) as session:
-        return [_version_info(v) for v in repo.list_versions(session, image_id, kind)]
+        return [_version_info(v) for v in annotations.list_versions(session, image_id, kind)]
 
 
 def head_version(scope: SessionFactory, image_id: int, kind: str) -> VersionInfo | None:
     with scope(write=False) as session:
-        head = repo.head_version(session, image_id, kind)
+        head = annotations.head_version(session, image_id, kind)
         return None if head is None else _version_info(head)
 
 
 def version_mask(scope: SessionFactory, version_id: int) -> np.ndarray:
     with scope(write=False) as session:
-        v = repo.get_version(session, version_id)
+        v = annotations.get_version(session, version_id)
         if v is None:
             raise LookupError(f"no version {version_id}")
-        return repo.version_mask(v)
+        return annotations.version_mask(v)
 
 
 def version_table(
@@ -279,16 +280,18 @@ def save_mask(
     comment: str | None = None,
     prediction_id: int | None = None,
 ) -> SaveOutcome:
-    """Append a version drawn on ``base_version_id``. A stale base is refused (the repository
-    keeps the mask as the author's conflict draft) and the outcome carries its message."""
+    """Append a version drawn on ``base_version_id``. A stale base is refused; the mask is then
+    kept as the author's conflict draft (a transaction of its own, after the refused one rolled
+    back) and the outcome carries the message naming it."""
     comment = (comment or "").strip() or None
+    mask = np.asarray(mask, bool)
     try:
         with scope() as session:
-            version = repo.save_annotation(
+            version = annotations.save_annotation(
                 session,
                 image_id,
                 kind,
-                np.asarray(mask, bool),
+                mask,
                 _user(session, user_id),
                 status,
                 base_version_id,
@@ -296,9 +299,21 @@ def save_mask(
                 prediction_id=prediction_id,
             )
             new_id = int(version.id)
-    except repo.StaleVersionError as exc:
-        return SaveOutcome(False, exc.conflict_version_id, str(exc))
-    except (repo.RoleError, ValueError, LookupError) as exc:
+    except annotations.StaleVersionError as refused:
+        with scope() as session:
+            draft = annotations.save_conflict_draft(
+                session,
+                image_id,
+                kind,
+                mask,
+                _user(session, user_id),
+                base_version_id,
+                comment=comment,
+                prediction_id=prediction_id,
+            )
+            kept = refused.kept_as(int(draft.id))
+        return SaveOutcome(False, kept.conflict_version_id, str(kept))
+    except (annotations.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = {"draft": "Draft saved", "submitted": "Submitted for review"}.get(
         status, f"Saved as {STATUS_LABELS.get(status, status)}"
@@ -319,16 +334,18 @@ def review_head(
     comment = (comment or "").strip() or None
     if action == "return" and not comment:
         return SaveOutcome(False, None, "Say what needs changing: a comment is required.")
-    fn = {"approve": repo.approve_annotation, "return": repo.return_annotation}.get(action)
+    fn = {"approve": annotations.approve_annotation, "return": annotations.return_annotation}.get(
+        action
+    )
     if fn is None:
         raise ValueError(f"unknown review action {action!r}")
     try:
         with scope() as session:
             version = fn(session, image_id, kind, _user(session, user_id), base_version_id, comment)
             new_id = int(version.id)
-    except repo.StaleVersionError as exc:
+    except annotations.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
-    except (repo.RoleError, ValueError, LookupError) as exc:
+    except (annotations.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = "Approved" if action == "approve" else "Sent back"
     return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")
@@ -353,7 +370,7 @@ SORTS: dict[str, str] = {
     "Severity (highest first)": "severity",
     "Oldest first": "oldest",
 }
-WORKLIST_STATUSES: tuple[str, ...] = repo.WORKLIST_STATUSES
+WORKLIST_STATUSES: tuple[str, ...] = worklist_queries.WORKLIST_STATUSES
 
 
 def worklist(
@@ -361,17 +378,19 @@ def worklist(
     statuses: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     sort: str = "created",
-) -> list[repo.WorklistRow]:
+) -> list[worklist_queries.WorklistRow]:
     """Studies with their prediction (active model) and review status; empty filters = all."""
     with scope(write=False) as session:
-        rows = repo.worklist(session, status=list(statuses) if statuses else None, sort=sort)
+        rows = worklist_queries.worklist(
+            session, status=list(statuses) if statuses else None, sort=sort
+        )
     if classes:
         wanted = set(classes)
         rows = [r for r in rows if r.predicted_class in wanted]
     return rows
 
 
-def worklist_records(rows: Sequence[repo.WorklistRow]) -> list[dict[str, Any]]:
+def worklist_records(rows: Sequence[worklist_queries.WorklistRow]) -> list[dict[str, Any]]:
     """Table rows for the worklist (without thumbnails, which the page caches)."""
     records = []
     for r in rows:
@@ -402,7 +421,11 @@ def next_to_review(scope: SessionFactory, exclude: Sequence[int] = ()) -> int | 
     """The next study to look at: a new one the model is least sure of, else the oldest
     submitted one waiting for a radiologist."""
     with scope(write=False) as session:
-        row = repo.next_to_review(session, by="uncertainty", status="new", exclude=exclude)
+        row = worklist_queries.next_to_review(
+            session, by="uncertainty", status="new", exclude=exclude
+        )
         if row is None:
-            row = repo.next_to_review(session, by="oldest", status="submitted", exclude=exclude)
+            row = worklist_queries.next_to_review(
+                session, by="oldest", status="submitted", exclude=exclude
+            )
         return None if row is None else row.image_id

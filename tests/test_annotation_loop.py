@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import annotation_loop
-from database import repository as repo
+from database import annotations, model_versions
 from database.session import init_db, session_scope
 
 DATA = Path(os.environ.get("INFMAP_DATA", Path(__file__).resolve().parent.parent.parent
@@ -39,7 +39,7 @@ def test_tiny_annotation_loop_registers_versions_with_lineage(tmp_path: Path) ->
 
     engine = init_db(f"sqlite:///{tmp_path / 'tiny' / 'annotation_loop.sqlite'}")
     with session_scope(engine, write=False) as s:
-        versions = {v.version: v for v in repo.list_model_versions(s)}
+        versions = {v.version: v for v in model_versions.list_model_versions(s)}
         assert {"no-covid-base", "oracle-5", "oracle-10"} <= set(versions)
         lineage = versions["oracle-10"].lineage
         assert lineage["source"] == "finetune"
@@ -47,5 +47,5 @@ def test_tiny_annotation_loop_registers_versions_with_lineage(tmp_path: Path) ->
         # lung + infection version of each study trained on; held-aside studies listed apart
         assert len(lineage["annotation_version_ids"]) == 2 * last["trained_on"]
         assert len(lineage["held_aside_image_ids"]) == last["held_aside"] >= 1
-        assert len(repo.training_annotations(s)) == 2 * 10
+        assert len(annotations.training_annotations(s)) == 2 * 10
     engine.dispose()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from database import repository as repo
+from database import annotations, model_versions, worklist
 from database.session import init_db, session_scope
 from services import bootstrap, display, identity, ingest, masks, studies
 
@@ -112,14 +112,14 @@ def test_saving_on_the_correction_page_creates_a_version(app_env: str) -> None:
 
     scope = scope_for(app_env)
     with scope(write=False) as s:
-        saved = repo.list_versions(s, study_id, "lung")
+        saved = annotations.list_versions(s, study_id, "lung")
         assert [(v.author.name, v.status) for v in saved] == [("Saver Sam", "submitted")]
         first_id = saved[0].id
 
     at.button(key="correction.save.approved").click().run()  # radiologist approves the head
     assert any("Approved" in s.value for s in at.success)
     with scope(write=False) as s:
-        saved = repo.list_versions(s, study_id, "lung")
+        saved = annotations.list_versions(s, study_id, "lung")
         assert [(v.status, v.parent_id) for v in saved][-1] == ("approved", first_id)
     history = at.dataframe[-1].value  # the version history
     assert list(history["status"]) == ["approved", "submitted"]
@@ -259,9 +259,9 @@ def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
     at = run_app()  # bootstraps the database when this test runs alone
     scope = scope_for(app_env)
     with scope() as s:
-        first = repo.get_active_model_version(s)
+        first = model_versions.get_active_model_version(s)
         first_id, first_name = first.id, first.version
-        new = repo.register_model_version(s, "second-test", second, file_sha256(second),
+        new = model_versions.register_model_version(s, "second-test", second, file_sha256(second),
                                           metrics={"val": {"lung_dice": 0.5}}, parent=first)
         new_id = new.id
 
@@ -280,17 +280,17 @@ def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
     activate.click().run()
     assert not at.exception, at.exception
     with scope(write=False) as s:
-        assert repo.get_active_model_version(s).id == new_id
+        assert model_versions.get_active_model_version(s).id == new_id
 
     repredict = next(b for b in at.button if b.label.startswith("Re-predict"))
     assert repredict.label == "Re-predict 6 studies with the active version"
     repredict.click().run()
     assert not at.exception, at.exception
     with scope(write=False) as s:
-        rows = repo.worklist(s, model_version_id=new_id)
+        rows = worklist.worklist(s, model_version_id=new_id)
         assert rows and all(r.prediction_id is not None for r in rows)
 
     at.selectbox(key="models.activate").select(first_id).run()  # roll back
     next(b for b in at.button if b.label == "Activate").click().run()
     with scope(write=False) as s:
-        assert repo.get_active_model_version(s).id == first_id
+        assert model_versions.get_active_model_version(s).id == first_id

@@ -13,14 +13,14 @@ import pytest
 from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from database import repository as repo
+import settings
+from database import annotations, images, model_versions, predictions, runs, users, worklist
+from database.annotations import RoleError, StaleVersionError
 from database.masks import mask_to_png, png_to_mask
 from database.models import AnnotationVersion, Image, ModelVersion, Prediction, User
-from database.repository import RoleError, StaleVersionError
 from database.session import (
     current_revision,
     data_dir_for,
-    default_database_url,
     init_db,
     make_engine,
     session_scope,
@@ -75,12 +75,12 @@ def engine(db_path: Path) -> Engine:
 def add_image(s, seed: int = 0, name: str = "patient.png") -> Image:
     payload = f"payload-{seed}".encode() * 10
     sha = hashlib.sha256(f"original-{seed}".encode()).hexdigest()
-    image, _ = repo.add_image(s, payload, sha, name, {"format": "PNG"}, W, H, "upload")
+    image, _ = images.add_image(s, payload, sha, name, {"format": "PNG"}, W, H, "upload")
     return image
 
 
 def model_version(s, version: str = "v1", activate: bool = True) -> ModelVersion:
-    return repo.register_model_version(
+    return model_versions.register_model_version(
         s,
         version,
         f"/models/{version}.pt",
@@ -88,6 +88,22 @@ def model_version(s, version: str = "v1", activate: bool = True) -> ModelVersion
         {"dice": 0.8},
         activate=activate,
     )
+
+
+def save_or_keep_draft(
+    engine: Engine, image_id: int, kind: str, mask: np.ndarray, author: User, status: str,
+    base_id: int | None,
+) -> StaleVersionError:
+    """The caller's side of a refused save (as ``services.studies.save_mask`` does it): the
+    refusal rolls back, and the mask is kept as a conflict draft in a transaction of its own."""
+    try:
+        with session_scope(engine) as s:
+            annotations.save_annotation(s, image_id, kind, mask, author, status, base_id)
+    except StaleVersionError as exc:
+        with session_scope(engine) as s:
+            draft = annotations.save_conflict_draft(s, image_id, kind, mask, author, base_id)
+            return exc.kept_as(draft.id)
+    raise AssertionError("the save was not refused")
 
 
 def count(engine: Engine, model: type) -> int:
@@ -136,7 +152,7 @@ def test_second_init_db_is_a_noop_that_keeps_data(db_path: Path) -> None:
     upgrade(first, "0001")  # the oldest revision, as an older app version would have left it
     assert current_revision(first) == "0001"
     with session_scope(first) as s:
-        repo.get_or_create_user(s, "ann", "annotator")
+        users.get_or_create_user(s, "ann", "annotator")
     first.dispose()
 
     again = init_db(url)  # a newer app opening the older database: upgrade to head
@@ -154,7 +170,7 @@ def test_second_init_db_is_a_noop_that_keeps_data(db_path: Path) -> None:
 
 def test_database_url_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
-    assert default_database_url().endswith("data/infmap.sqlite")
+    assert settings.database_url().endswith("data/infmap.sqlite")
     url = f"sqlite:///{tmp_path / 'env' / 'x.sqlite'}"
     monkeypatch.setenv("DATABASE_URL", url)
     eng = init_db()
@@ -187,14 +203,18 @@ def test_writes_begin_immediate_reads_deferred(engine: Engine) -> None:
 # --------------------------------------------------------------------------- images
 
 
-def test_add_image_dedupes_by_hash_and_stores_payload(engine: Engine, db_path: Path) -> None:
+def test_add_image_dedupes_by_hash_and_stores_payload(
+    engine: Engine, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     payload = b"npz-bytes" * 100
     sha = hashlib.sha256(b"the original file").hexdigest()
     with session_scope(engine) as s:
-        image, created = repo.add_image(s, payload, sha, "a.png", {"format": "PNG"}, W, H, "upload")
+        image, created = images.add_image(
+            s, payload, sha, "a.png", {"format": "PNG"}, W, H, "upload"
+        )
         assert created
     with session_scope(engine) as s:
-        again, created = repo.add_image(s, payload, sha, "copy.png", {}, W, H, "upload")
+        again, created = images.add_image(s, payload, sha, "copy.png", {}, W, H, "upload")
         assert not created and again.id == image.id and again.display_name == "a.png"
     assert count(engine, Image) == 1
 
@@ -202,16 +222,19 @@ def test_add_image_dedupes_by_hash_and_stores_payload(engine: Engine, db_path: P
     stored = db_path.parent / "images" / f"{sha}.npz"
     assert stored.read_bytes() == payload
     assert not list(stored.parent.glob("*.tmp"))
-    assert repo.read_image_payload(image) == payload  # detached: its session has closed
+    # Detached (its session has closed): the file store is named, or found through settings.
+    assert images.read_image_payload(image, data_dir_for(engine)) == payload
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{db_path}")
+    assert images.read_image_payload(image) == payload
     with session_scope(engine, write=False) as s:
-        assert repo.read_image_payload(repo.get_image(s, image.id)) == payload
+        assert images.read_image_payload(images.get_image(s, image.id)) == payload
 
     stored.write_bytes(b"tampered")
-    with pytest.raises(repo.PayloadError):
-        repo.read_image_payload(image)
+    with pytest.raises(images.PayloadError):
+        images.read_image_payload(image)
 
     with session_scope(engine) as s, pytest.raises(ValueError):
-        repo.add_image(s, payload, "not-a-hash", "b.png", {}, W, H, "upload")
+        images.add_image(s, payload, "not-a-hash", "b.png", {}, W, H, "upload")
 
 
 # --------------------------------------------------------------------------- predictions
@@ -222,18 +245,20 @@ def test_prediction_is_stored_once_per_model_version(engine: Engine) -> None:
         image = add_image(s)
         v1 = model_version(s, "v1")
         v2 = model_version(s, "v2", activate=False)
-        first = repo.store_prediction(s, image.id, v1.id, FakePrediction())
+        first = predictions.store_prediction(s, image.id, v1.id, FakePrediction())
     with session_scope(engine) as s:
         other = FakePrediction(predicted_class="Normal", infection_percent=0.0)
-        again = repo.store_prediction(s, image.id, v1.id, other)
+        again = predictions.store_prediction(s, image.id, v1.id, other)
         assert again.id == first.id and again.predicted_class == "COVID-19"
-        second = repo.store_prediction(s, image.id, v2.id, FakePrediction(model_version="v2"))
+        second = predictions.store_prediction(
+            s, image.id, v2.id, FakePrediction(model_version="v2")
+        )
         assert second.id != first.id
     assert count(engine, Prediction) == 2
 
     with session_scope(engine, write=False) as s:
-        row = repo.get_prediction(s, image.id, v1.id)
-        lung, infection = repo.prediction_masks(row)
+        row = predictions.get_prediction(s, image.id, v1.id)
+        lung, infection = predictions.prediction_masks(row)
         assert row.confidence == pytest.approx(0.7)
         assert list(row.probabilities) == ["COVID-19", "Non-COVID", "Normal"]
         assert row.timings == {"model": 12.0}
@@ -243,10 +268,10 @@ def test_prediction_is_stored_once_per_model_version(engine: Engine) -> None:
     with session_scope(engine) as s:
         v3 = model_version(s, "v3", activate=False)
         with pytest.raises(ValueError, match="made by model"):
-            repo.store_prediction(s, image.id, v3.id, FakePrediction(model_version="v1"))
+            predictions.store_prediction(s, image.id, v3.id, FakePrediction(model_version="v1"))
         wrong = FakePrediction(model_version="v3", lung_mask=np.zeros((10, 10), bool))
         with pytest.raises(ValueError, match="shape"):
-            repo.store_prediction(s, image.id, v3.id, wrong)
+            predictions.store_prediction(s, image.id, v3.id, wrong)
     with engine.connect() as conn, pytest.raises(IntegrityError):  # the database's own guard
         conn.execute(
             text(
@@ -282,7 +307,7 @@ def test_real_prediction_dataclass_is_storable(engine: Engine) -> None:
         timings_ms=fake.timings_ms,
     )
     with session_scope(engine) as s:
-        row = repo.store_prediction(s, add_image(s).id, model_version(s).id, real)
+        row = predictions.store_prediction(s, add_image(s).id, model_version(s).id, real)
         assert row.severity_score == fake.severity_score
 
 
@@ -292,77 +317,94 @@ def test_real_prediction_dataclass_is_storable(engine: Engine) -> None:
 def test_save_chain_is_append_only_and_leaves_prediction_untouched(engine: Engine) -> None:
     with session_scope(engine) as s:
         image = add_image(s)
-        pred = repo.store_prediction(s, image.id, model_version(s).id, FakePrediction())
-        ann = repo.get_or_create_user(s, "ann", "annotator")
+        pred = predictions.store_prediction(s, image.id, model_version(s).id, FakePrediction())
+        ann = users.get_or_create_user(s, "ann", "annotator")
     model_lung_png = pred.lung_mask_png
 
     with session_scope(engine) as s:
-        v1 = repo.save_annotation(
+        v1 = annotations.save_annotation(
             s, image.id, "lung", _box(0, 0, 30, 30), ann, "draft", None, prediction_id=pred.id
         )
     with session_scope(engine) as s:
-        v2 = repo.save_annotation(s, image.id, "lung", _box(0, 0, 40, 40), ann, "submitted", v1.id)
-        v3 = repo.save_annotation(s, image.id, "lung", _box(0, 0, 45, 45), ann, "draft", v2.id)
+        v2 = annotations.save_annotation(
+            s, image.id, "lung", _box(0, 0, 40, 40), ann, "submitted", v1.id
+        )
+        v3 = annotations.save_annotation(
+            s, image.id, "lung", _box(0, 0, 45, 45), ann, "draft", v2.id
+        )
     with session_scope(engine, write=False) as s:
-        versions = repo.list_versions(s, image.id, "lung")
+        versions = annotations.list_versions(s, image.id, "lung")
         assert [v.id for v in versions] == [v1.id, v2.id, v3.id]
         assert [v.parent_id for v in versions] == [None, v1.id, v2.id]
         assert versions[0].prediction_id == pred.id
         assert [v.status for v in versions] == ["draft", "submitted", "draft"]
-        np.testing.assert_array_equal(repo.version_mask(versions[0]), _box(0, 0, 30, 30))
-        assert repo.head_version(s, image.id, "lung").id == v3.id
-        assert repo.head_version(s, image.id, "infection") is None
-        assert repo.get_prediction(s, image.id, pred.model_version_id).lung_mask_png == (
+        np.testing.assert_array_equal(annotations.version_mask(versions[0]), _box(0, 0, 30, 30))
+        assert annotations.head_version(s, image.id, "lung").id == v3.id
+        assert annotations.head_version(s, image.id, "infection") is None
+        assert predictions.get_prediction(s, image.id, pred.model_version_id).lung_mask_png == (
             model_lung_png
         )
 
     with pytest.raises(RuntimeError, match="append-only"), session_scope(engine) as s:
-        repo.get_version(s, v1.id).status = "approved"
+        annotations.get_version(s, v1.id).status = "approved"
     with pytest.raises(RuntimeError, match="append-only"), session_scope(engine) as s:
-        s.delete(repo.get_version(s, v1.id))
+        s.delete(annotations.get_version(s, v1.id))
     with session_scope(engine, write=False) as s:
-        assert repo.get_version(s, v1.id).status == "draft"
+        assert annotations.get_version(s, v1.id).status == "draft"
     assert count(engine, AnnotationVersion) == 3
 
     with session_scope(engine) as s, pytest.raises(ValueError, match="shape"):
-        repo.save_annotation(s, image.id, "lung", np.zeros((5, 5), bool), ann, "draft", v3.id)
+        annotations.save_annotation(
+            s, image.id, "lung", np.zeros((5, 5), bool), ann, "draft", v3.id
+        )
 
 
 def test_stale_save_is_refused_and_kept_as_conflict_draft(engine: Engine) -> None:
     with session_scope(engine) as s:
         image = add_image(s)
-        ann = repo.get_or_create_user(s, "ann", "annotator")
-        bob = repo.get_or_create_user(s, "bob", "annotator")
+        ann = users.get_or_create_user(s, "ann", "annotator")
+        bob = users.get_or_create_user(s, "bob", "annotator")
     ann_mask, bob_mask = _box(0, 0, 20, 20), _box(10, 10, 40, 50)
 
     # Both opened the editor when there was no human version yet (base None).
     with session_scope(engine) as s:
-        first = repo.save_annotation(s, image.id, "infection", ann_mask, ann, "submitted", None)
+        first = annotations.save_annotation(
+            s, image.id, "infection", ann_mask, ann, "submitted", None
+        )
+    # The refusal writes nothing and commits nothing of the caller's transaction.
     with pytest.raises(StaleVersionError) as caught, session_scope(engine) as s:
-        repo.save_annotation(s, image.id, "infection", bob_mask, bob, "submitted", None)
-    err = caught.value
+        users.get_or_create_user(s, "carol", "annotator")  # the caller's other pending work
+        annotations.save_annotation(s, image.id, "infection", bob_mask, bob, "submitted", None)
+    assert caught.value.conflict_version_id is None
+    with session_scope(engine, write=False) as s:
+        assert users.get_user(s, "carol") is None
+        assert annotations.drafts_for(s, bob, image.id) == []
+
+    err = save_or_keep_draft(engine, image.id, "infection", bob_mask, bob, "submitted", None)
     assert err.head_author == "ann" and err.head_id == first.id and err.head_status == "submitted"
     assert "ann" in str(err) and "submitted" in str(err) and "UTC" in str(err)
+    assert f"kept as draft version {err.conflict_version_id}" in str(err)
     assert err.head_created == first.created
 
-    with session_scope(engine, write=False) as s:  # committed although the scope rolled back
-        drafts = repo.drafts_for(s, bob, image.id)
+    with session_scope(engine, write=False) as s:
+        drafts = annotations.drafts_for(s, bob, image.id)
         assert [d.id for d in drafts] == [err.conflict_version_id]
         draft = drafts[0]
         assert draft.conflict and draft.status == "draft" and draft.parent_id is None
         assert draft.author.name == "bob"
-        np.testing.assert_array_equal(repo.version_mask(draft), bob_mask)
-        assert repo.head_version(s, image.id, "infection").id == first.id  # still ann's
+        np.testing.assert_array_equal(annotations.version_mask(draft), bob_mask)
+        assert annotations.head_version(s, image.id, "infection").id == first.id  # still ann's
 
     # Bob now bases on the head; a conflict draft never becomes the head.
     with session_scope(engine) as s:
-        ok = repo.save_annotation(s, image.id, "infection", bob_mask, bob, "submitted", first.id)
+        ok = annotations.save_annotation(
+            s, image.id, "infection", bob_mask, bob, "submitted", first.id
+        )
         assert ok.parent_id == first.id
-    with pytest.raises(StaleVersionError) as caught, session_scope(engine) as s:
-        repo.save_annotation(s, image.id, "infection", ann_mask, ann, "draft", first.id)
-    assert caught.value.head_author == "bob"
+    err = save_or_keep_draft(engine, image.id, "infection", ann_mask, ann, "draft", first.id)
+    assert err.head_author == "bob"
     with session_scope(engine, write=False) as s:
-        assert repo.drafts_for(s, ann, image.id, conflict_only=True)[0].parent_id == first.id
+        assert annotations.drafts_for(s, ann, image.id, conflict_only=True)[0].parent_id == first.id
 
 
 def test_concurrent_saves_on_the_same_head(
@@ -371,17 +413,19 @@ def test_concurrent_saves_on_the_same_head(
     """Two writers, each with its own engine, both based on the same head, saving at once."""
     with session_scope(engine) as s:
         image = add_image(s)
-        users = [repo.get_or_create_user(s, n, "annotator") for n in ("ann", "bob")]
-        base = repo.save_annotation(s, image.id, "lung", _box(0, 0, 9, 9), users[0], "draft", None)
+        people = [users.get_or_create_user(s, n, "annotator") for n in ("ann", "bob")]
+        base = annotations.save_annotation(
+            s, image.id, "lung", _box(0, 0, 9, 9), people[0], "draft", None
+        )
 
-    real_head = repo.head_version
+    real_head = annotations.head_version
 
     def slow_head(*args, **kwargs):  # widen the read-check-write window
         found = real_head(*args, **kwargs)
         time.sleep(0.3)
         return found
 
-    monkeypatch.setattr(repo, "head_version", slow_head)
+    monkeypatch.setattr(annotations, "head_version", slow_head)
     barrier = threading.Barrier(2)
     results: dict[str, object] = {}
 
@@ -390,9 +434,13 @@ def test_concurrent_saves_on_the_same_head(
         try:
             barrier.wait()
             with session_scope(eng) as s:
-                results[user.name] = repo.save_annotation(
+                results[user.name] = annotations.save_annotation(
                     s, image.id, "lung", mask, user, "submitted", base.id
                 ).id
+        except StaleVersionError as exc:
+            with session_scope(eng) as s:
+                draft = annotations.save_conflict_draft(s, image.id, "lung", mask, user, base.id)
+                results[user.name] = exc.kept_as(draft.id)
         except Exception as exc:  # collected for the assertions below
             results[user.name] = exc
         finally:
@@ -400,7 +448,7 @@ def test_concurrent_saves_on_the_same_head(
 
     threads = [
         threading.Thread(target=save, args=(u, _box(0, 0, 20 + 10 * i, 20)))
-        for i, u in enumerate(users)
+        for i, u in enumerate(people)
     ]
     for t in threads:
         t.start()
@@ -413,41 +461,45 @@ def test_concurrent_saves_on_the_same_head(
     (winner, win_id), (loser, err) = next(iter(winners.items())), next(iter(losers.items()))
     assert err.head_author == winner and err.head_id == win_id
     with session_scope(engine, write=False) as s:
-        assert repo.head_version(s, image.id, "lung").id == win_id
-        kept = repo.get_version(s, err.conflict_version_id)
+        assert annotations.head_version(s, image.id, "lung").id == win_id
+        kept = annotations.get_version(s, err.conflict_version_id)
         assert kept.conflict and kept.author.name == loser and kept.parent_id == base.id
 
 
 def test_approve_and_send_back_require_a_radiologist(engine: Engine) -> None:
     with session_scope(engine) as s:
         image = add_image(s)
-        ann = repo.get_or_create_user(s, "ann", "annotator")
-        rad = repo.get_or_create_user(s, "dr-rad", "radiologist")
-        sub = repo.save_annotation(s, image.id, "lung", _box(2, 2, 30, 30), ann, "submitted", None)
+        ann = users.get_or_create_user(s, "ann", "annotator")
+        rad = users.get_or_create_user(s, "dr-rad", "radiologist")
+        sub = annotations.save_annotation(
+            s, image.id, "lung", _box(2, 2, 30, 30), ann, "submitted", None
+        )
 
     with session_scope(engine) as s:
         with pytest.raises(RoleError):
-            repo.approve_annotation(s, image.id, "lung", ann, sub.id)
+            annotations.approve_annotation(s, image.id, "lung", ann, sub.id)
         with pytest.raises(RoleError):
-            repo.save_annotation(s, image.id, "lung", _box(0, 0, 5, 5), ann, "approved", sub.id)
+            annotations.save_annotation(
+                s, image.id, "lung", _box(0, 0, 5, 5), ann, "approved", sub.id
+            )
         with pytest.raises(RoleError):
-            repo.return_annotation(s, image.id, "lung", ann, sub.id, "no")
+            annotations.return_annotation(s, image.id, "lung", ann, sub.id, "no")
     with session_scope(engine) as s:
-        back = repo.return_annotation(s, image.id, "lung", rad, sub.id, "left base missing")
+        back = annotations.return_annotation(s, image.id, "lung", rad, sub.id, "left base missing")
         assert back.status == "returned" and back.parent_id == sub.id
         assert back.comment == "left base missing" and back.mask_png == sub.mask_png
     with pytest.raises(StaleVersionError) as caught, session_scope(engine) as s:
-        repo.approve_annotation(s, image.id, "lung", rad, sub.id)  # no longer the head
+        annotations.approve_annotation(s, image.id, "lung", rad, sub.id)  # no longer the head
     assert caught.value.conflict_version_id is None and caught.value.head_author == "dr-rad"
     with session_scope(engine) as s:
-        fixed = repo.save_annotation(
+        fixed = annotations.save_annotation(
             s, image.id, "lung", _box(2, 2, 40, 40), ann, "submitted", back.id
         )
-        ok = repo.approve_annotation(s, image.id, "lung", rad, fixed.id, "good")
+        ok = annotations.approve_annotation(s, image.id, "lung", rad, fixed.id, "good")
         assert ok.status == "approved" and ok.author.role == "radiologist"
-        np.testing.assert_array_equal(repo.version_mask(ok), _box(2, 2, 40, 40))
+        np.testing.assert_array_equal(annotations.version_mask(ok), _box(2, 2, 40, 40))
     with session_scope(engine) as s, pytest.raises(ValueError):
-        repo.get_or_create_user(s, "ann", "radiologist")  # roles are not silently changed
+        users.get_or_create_user(s, "ann", "radiologist")  # roles are not silently changed
 
 
 # --------------------------------------------------------------------------- worklist
@@ -456,9 +508,9 @@ def test_approve_and_send_back_require_a_radiologist(engine: Engine) -> None:
 def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
     with session_scope(engine) as s:
         v1 = model_version(s, "v1")
-        ann = repo.get_or_create_user(s, "ann", "annotator")
-        bob = repo.get_or_create_user(s, "bob", "annotator")
-        rad = repo.get_or_create_user(s, "rad", "radiologist")
+        ann = users.get_or_create_user(s, "ann", "annotator")
+        bob = users.get_or_create_user(s, "bob", "annotator")
+        rad = users.get_or_create_user(s, "rad", "radiologist")
         ids = []
         specs = [  # (class, uncertainty, infection %)
             ("COVID-19", 0.50, 30.0),
@@ -471,7 +523,7 @@ def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
         for i, (cls, unc, inf) in enumerate(specs):
             image = add_image(s, seed=i, name=f"img{i}.png")
             ids.append(image.id)
-            repo.store_prediction(
+            predictions.store_prediction(
                 s,
                 image.id,
                 v1.id,
@@ -483,18 +535,17 @@ def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
             )
         m = _box(0, 0, 10, 10)
         # ids[0] new. ids[1] corrected (a draft). ids[2] submitted (lung) after an infection draft.
-        repo.save_annotation(s, ids[1], "lung", m, ann, "draft", None)
-        repo.save_annotation(s, ids[2], "infection", m, ann, "draft", None)
-        sub = repo.save_annotation(s, ids[2], "lung", m, bob, "submitted", None)
-        a = repo.save_annotation(s, ids[3], "lung", m, ann, "submitted", None)
-        repo.approve_annotation(s, ids[3], "lung", rad, a.id)
-        r = repo.save_annotation(s, ids[4], "infection", m, ann, "submitted", None)
-        repo.return_annotation(s, ids[4], "infection", rad, r.id, "redo")
-    with pytest.raises(StaleVersionError), session_scope(engine) as s:  # conflict: no effect
-        repo.save_annotation(s, ids[2], "lung", m, ann, "draft", None)
+        annotations.save_annotation(s, ids[1], "lung", m, ann, "draft", None)
+        annotations.save_annotation(s, ids[2], "infection", m, ann, "draft", None)
+        sub = annotations.save_annotation(s, ids[2], "lung", m, bob, "submitted", None)
+        a = annotations.save_annotation(s, ids[3], "lung", m, ann, "submitted", None)
+        annotations.approve_annotation(s, ids[3], "lung", rad, a.id)
+        r = annotations.save_annotation(s, ids[4], "infection", m, ann, "submitted", None)
+        annotations.return_annotation(s, ids[4], "infection", rad, r.id, "redo")
+    save_or_keep_draft(engine, ids[2], "lung", m, ann, "draft", None)  # conflict: no effect
 
     with session_scope(engine, write=False) as s:
-        rows = {r.image_id: r for r in repo.worklist(s)}
+        rows = {r.image_id: r for r in worklist.worklist(s)}
         assert [rows[i].status for i in ids] == [
             "new",
             "corrected",
@@ -508,28 +559,28 @@ def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
         assert rows[ids[3]].last_author == "rad"
         assert rows[ids[0]].predicted_class == "COVID-19" and rows[ids[0]].confidence == 0.7
 
-        by_unc = [r.image_id for r in repo.worklist(s, sort="uncertainty")]
+        by_unc = [r.image_id for r in worklist.worklist(s, sort="uncertainty")]
         assert by_unc == [ids[2], ids[4], ids[0], ids[3], ids[5], ids[1]]
-        by_inf = [r.image_id for r in repo.worklist(s, sort="infection")]
+        by_inf = [r.image_id for r in worklist.worklist(s, sort="infection")]
         assert by_inf == [ids[3], ids[0], ids[4], ids[2], ids[5], ids[1]]
-        assert [r.image_id for r in repo.worklist(s, sort="created")] == ids[::-1]
-        assert [r.image_id for r in repo.worklist(s, sort="oldest")] == ids
-        assert [r.image_id for r in repo.worklist(s, status="new")] == [ids[5], ids[0]]
-        covid = repo.worklist(s, predicted_class="COVID-19", status=["new", "returned"])
+        assert [r.image_id for r in worklist.worklist(s, sort="created")] == ids[::-1]
+        assert [r.image_id for r in worklist.worklist(s, sort="oldest")] == ids
+        assert [r.image_id for r in worklist.worklist(s, status="new")] == [ids[5], ids[0]]
+        covid = worklist.worklist(s, predicted_class="COVID-19", status=["new", "returned"])
         assert {r.image_id for r in covid} == {ids[0], ids[4]}
 
-        assert repo.next_to_review(s).image_id == ids[0]  # oldest new
-        assert repo.next_to_review(s, by="uncertainty").image_id == ids[0]  # 0.5 > 0.2
-        assert repo.next_to_review(s, exclude=[ids[0]]).image_id == ids[5]
-        assert repo.next_to_review(s, status="submitted").image_id == ids[2]
+        assert worklist.next_to_review(s).image_id == ids[0]  # oldest new
+        assert worklist.next_to_review(s, by="uncertainty").image_id == ids[0]  # 0.5 > 0.2
+        assert worklist.next_to_review(s, exclude=[ids[0]]).image_id == ids[5]
+        assert worklist.next_to_review(s, status="submitted").image_id == ids[2]
         with pytest.raises(ValueError):
-            repo.worklist(s, sort="bogus")
+            worklist.worklist(s, sort="bogus")
 
     with session_scope(engine) as s:  # another model version: no predictions yet
         v2 = model_version(s, "v2", activate=True)
-        rows = repo.worklist(s)
+        rows = worklist.worklist(s)
         assert all(r.predicted_class is None for r in rows)
-        assert len(repo.worklist(s, model_version_id=v1.id, predicted_class="Normal")) == 2
+        assert len(worklist.worklist(s, model_version_id=v1.id, predicted_class="Normal")) == 2
         assert v2.active
 
 
@@ -539,13 +590,13 @@ def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
 def test_model_version_activation_and_rollback_keep_exactly_one_active(engine: Engine) -> None:
     def active_versions() -> list[str]:
         with session_scope(engine, write=False) as s:
-            return [m.version for m in repo.list_model_versions(s) if m.active]
+            return [m.version for m in model_versions.list_model_versions(s) if m.active]
 
     with session_scope(engine) as s:
-        v1 = repo.register_model_version(s, "v1", "/m/v1.pt", "a" * 64, {"dice": 0.7})
+        v1 = model_versions.register_model_version(s, "v1", "/m/v1.pt", "a" * 64, {"dice": 0.7})
     assert active_versions() == ["v1"]  # the first registered becomes active
     with session_scope(engine) as s:
-        v2 = repo.register_model_version(
+        v2 = model_versions.register_model_version(
             s,
             "v2",
             "/m/v2.pt",
@@ -557,24 +608,24 @@ def test_model_version_activation_and_rollback_keep_exactly_one_active(engine: E
         )
     assert active_versions() == ["v1"]  # a candidate is not activated unless asked
     with session_scope(engine) as s:
-        repo.set_active_model_version(s, v2.id)
-        assert repo.get_active_model_version(s).version == "v2"
+        model_versions.set_active_model_version(s, v2.id)
+        assert model_versions.get_active_model_version(s).version == "v2"
     assert active_versions() == ["v2"]
     with session_scope(engine) as s:
-        repo.set_active_model_version(s, v1.id)  # roll back
+        model_versions.set_active_model_version(s, v1.id)  # roll back
     assert active_versions() == ["v1"]
     with session_scope(engine) as s:
-        v3 = repo.register_model_version(s, "v3", "/m/v3.pt", "d" * 64, activate=True)
+        v3 = model_versions.register_model_version(s, "v3", "/m/v3.pt", "d" * 64, activate=True)
         assert v3.active
-        assert repo.register_model_version(s, "v3", "/m/v3.pt", "d" * 64).id == v3.id
+        assert model_versions.register_model_version(s, "v3", "/m/v3.pt", "d" * 64).id == v3.id
         with pytest.raises(ValueError):
-            repo.register_model_version(s, "v3", "/m/other.pt", "e" * 64)
+            model_versions.register_model_version(s, "v3", "/m/other.pt", "e" * 64)
         with pytest.raises(LookupError):
-            repo.set_active_model_version(s, 999)
+            model_versions.set_active_model_version(s, 999)
     assert active_versions() == ["v3"]
     with session_scope(engine, write=False) as s:
-        assert [m.version for m in repo.list_model_versions(s)] == ["v3", "v2", "v1"]
-        got = repo.get_model_version(s, "v2")
+        assert [m.version for m in model_versions.list_model_versions(s)] == ["v3", "v2", "v1"]
+        got = model_versions.get_model_version(s, "v2")
         assert got.parent_id == v1.id and got.lineage["annotation_version_ids"] == [1, 2]
     with engine.begin() as conn, pytest.raises(IntegrityError):  # the one-active index
         conn.execute(text("UPDATE model_versions SET active = 1"))
@@ -585,42 +636,43 @@ def test_model_version_activation_and_rollback_keep_exactly_one_active(engine: E
 
 def test_training_annotations_latest_submitted_or_approved(engine: Engine) -> None:
     with session_scope(engine) as s:
-        ann = repo.get_or_create_user(s, "ann", "annotator")
-        rad = repo.get_or_create_user(s, "rad", "radiologist")
+        ann = users.get_or_create_user(s, "ann", "annotator")
+        rad = users.get_or_create_user(s, "rad", "radiologist")
         im = [add_image(s, seed=i).id for i in range(4)]
         m = _box(0, 0, 10, 10)
         # im0 lung: submitted, approved, then a newer draft -> the approved one counts.
-        a = repo.save_annotation(s, im[0], "lung", m, ann, "submitted", None)
-        a2 = repo.approve_annotation(s, im[0], "lung", rad, a.id)
-        repo.save_annotation(s, im[0], "lung", m, ann, "draft", a2.id)
+        a = annotations.save_annotation(s, im[0], "lung", m, ann, "submitted", None)
+        a2 = annotations.approve_annotation(s, im[0], "lung", rad, a.id)
+        annotations.save_annotation(s, im[0], "lung", m, ann, "draft", a2.id)
         # im0 infection: submitted twice -> the newer.
-        b = repo.save_annotation(s, im[0], "infection", m, ann, "submitted", None)
-        b2 = repo.save_annotation(s, im[0], "infection", m, ann, "submitted", b.id)
+        b = annotations.save_annotation(s, im[0], "infection", m, ann, "submitted", None)
+        b2 = annotations.save_annotation(s, im[0], "infection", m, ann, "submitted", b.id)
         # im1 lung: submitted then returned -> nothing; im1 infection: draft only -> nothing.
-        c = repo.save_annotation(s, im[1], "lung", m, ann, "submitted", None)
-        c2 = repo.return_annotation(s, im[1], "lung", rad, c.id, "wrong")
-        repo.save_annotation(s, im[1], "infection", m, ann, "draft", None)
+        c = annotations.save_annotation(s, im[1], "lung", m, ann, "submitted", None)
+        c2 = annotations.return_annotation(s, im[1], "lung", rad, c.id, "wrong")
+        annotations.save_annotation(s, im[1], "infection", m, ann, "draft", None)
         # im2 lung: returned then resubmitted -> the resubmission.
-        d = repo.save_annotation(s, im[2], "lung", m, ann, "submitted", None)
-        d2 = repo.return_annotation(s, im[2], "lung", rad, d.id, "redo")
-        d3 = repo.save_annotation(s, im[2], "lung", m, ann, "submitted", d2.id)
+        d = annotations.save_annotation(s, im[2], "lung", m, ann, "submitted", None)
+        d2 = annotations.return_annotation(s, im[2], "lung", rad, d.id, "redo")
+        d3 = annotations.save_annotation(s, im[2], "lung", m, ann, "submitted", d2.id)
     # im3: a conflict draft only -> nothing.
     with session_scope(engine) as s:
-        e = repo.save_annotation(s, im[3], "lung", m, ann, "submitted", None)
-    with pytest.raises(StaleVersionError), session_scope(engine) as s:
-        repo.save_annotation(s, im[3], "lung", m, ann, "submitted", None)
+        e = annotations.save_annotation(s, im[3], "lung", m, ann, "submitted", None)
+    save_or_keep_draft(engine, im[3], "lung", m, ann, "submitted", None)
 
     with session_scope(engine, write=False) as s:
-        got = [(v.image_id, v.kind, v.id) for v in repo.training_annotations(s)]
+        got = [(v.image_id, v.kind, v.id) for v in annotations.training_annotations(s)]
         assert got == [
             (im[0], "infection", b2.id),
             (im[0], "lung", a2.id),
             (im[2], "lung", d3.id),
             (im[3], "lung", e.id),
         ]
-        approved = [v.id for v in repo.training_annotations(s, statuses=("approved",))]
+        approved = [v.id for v in annotations.training_annotations(s, statuses=("approved",))]
         assert approved == [a2.id]
-        assert c2.id not in [v.id for v in repo.training_annotations(s, statuses=("submitted",))]
+        assert c2.id not in [
+            v.id for v in annotations.training_annotations(s, statuses=("submitted",))
+        ]
 
 
 # --------------------------------------------------------------------------- crash safety
@@ -628,27 +680,31 @@ def test_training_annotations_latest_submitted_or_approved(engine: Engine) -> No
 
 def test_exception_inside_session_scope_writes_nothing(engine: Engine, db_path: Path) -> None:
     with session_scope(engine) as s:
-        ann = repo.get_or_create_user(s, "ann", "annotator")
+        ann = users.get_or_create_user(s, "ann", "annotator")
         image = add_image(s)
-        head = repo.save_annotation(s, image.id, "lung", _box(0, 0, 5, 5), ann, "draft", None)
+        head = annotations.save_annotation(
+            s, image.id, "lung", _box(0, 0, 5, 5), ann, "draft", None
+        )
     before = {m: count(engine, m) for m in (User, Image, AnnotationVersion, ModelVersion)}
 
     with pytest.raises(KeyboardInterrupt), session_scope(engine) as s:  # a crash mid-save
-        repo.get_or_create_user(s, "bob", "annotator")
+        users.get_or_create_user(s, "bob", "annotator")
         new_image = add_image(s, seed=7)
         model_version(s, "v9")
-        repo.save_annotation(s, image.id, "lung", _box(0, 0, 9, 9), ann, "submitted", head.id)
-        repo.save_annotation(s, new_image.id, "lung", _box(0, 0, 9, 9), ann, "draft", None)
+        annotations.save_annotation(
+            s, image.id, "lung", _box(0, 0, 9, 9), ann, "submitted", head.id
+        )
+        annotations.save_annotation(s, new_image.id, "lung", _box(0, 0, 9, 9), ann, "draft", None)
         raise KeyboardInterrupt
 
     assert {m: count(engine, m) for m in before} == before
     with session_scope(engine, write=False) as s:
-        assert repo.head_version(s, image.id, "lung").id == head.id
-        assert repo.get_user(s, "bob") is None
+        assert annotations.head_version(s, image.id, "lung").id == head.id
+        assert users.get_user(s, "bob") is None
     # The payload file written before the crash is content-addressed: re-adding reuses it.
     with session_scope(engine) as s:
         again = add_image(s, seed=7)
-        assert repo.read_image_payload(again) == b"payload-7" * 10
+        assert images.read_image_payload(again) == b"payload-7" * 10
 
 
 # --------------------------------------------------------------------------- fine-tune runs
@@ -656,24 +712,24 @@ def test_exception_inside_session_scope_writes_nothing(engine: Engine, db_path: 
 
 def test_finetune_run_lifecycle(engine: Engine) -> None:
     with session_scope(engine) as s:
-        run = repo.create_run(s, {"epochs": 2})
+        run = runs.create_run(s, {"epochs": 2})
         assert run.status == "queued" and run.progress == 0
     with session_scope(engine) as s:
-        r = repo.update_run_progress(s, run.id, 0.4, "epoch 1/2", pid=1234)
+        r = runs.update_run_progress(s, run.id, 0.4, "epoch 1/2", pid=1234)
         assert r.status == "running" and r.started is not None and r.pid == 1234
-        r = repo.update_run_progress(s, run.id, 7.0)
+        r = runs.update_run_progress(s, run.id, 7.0)
         assert r.progress == 1.0 and r.message == "epoch 1/2"
         mv = model_version(s, "ft-1", activate=False)
-        repo.finish_run(s, run.id, "succeeded", "done", model_version_id=mv.id)
+        runs.finish_run(s, run.id, "succeeded", "done", model_version_id=mv.id)
     with session_scope(engine) as s:
         with pytest.raises(ValueError):
-            repo.update_run_progress(s, run.id, 0.5)
-        other = repo.create_run(s)
-        repo.finish_run(s, other.id, "interrupted", "server restarted")
+            runs.update_run_progress(s, run.id, 0.5)
+        other = runs.create_run(s)
+        runs.finish_run(s, other.id, "interrupted", "server restarted")
     with session_scope(engine, write=False) as s:
-        runs = repo.list_runs(s)
-        assert [x.id for x in runs] == [other.id, run.id]
-        done = repo.get_run(s, run.id)
+        listed = runs.list_runs(s)
+        assert [x.id for x in listed] == [other.id, run.id]
+        done = runs.get_run(s, run.id)
         assert done.status == "succeeded" and done.finished >= done.started
         assert done.model_version.version == "ft-1"
 

@@ -1,6 +1,6 @@
 """training.finetune end to end on a temporary SQLite database and real COVID-QU-Ex images.
 
-Corrections come in through ``database.import_masks`` (the app's import path); the base model is
+Corrections come in through ``services.import_masks`` (the app's import path); the base model is
 a small network whose masks start empty, registered as the active version. Fine-tuning runs a
 few steps at 128 px on one thread with a tiny replay sample from the real Train split.
 """
@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from database import repository as repo
-from database.import_masks import import_masks
+from database import annotations, model_versions, runs, worklist
 from database.session import init_db, session_scope
 from inference.model import ModelConfig, build_model, save_checkpoint
+from services.import_masks import import_masks
 from training import finetune as ft
 
 ROOT = Path("/work/shared/data/covid-qu-ex")
@@ -97,9 +97,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert summary.images_new == len(CASES)
     base_path = save_checkpoint(_empty_mask_model(), tmp / "base.pt", meta={"version": "base"})
     with session_scope(engine) as s:
-        base = repo.register_model_version(s, "base", str(base_path),
+        base = model_versions.register_model_version(s, "base", str(base_path),
                                            ft.file_sha256(base_path), activate=True)
-        annotation_ids = sorted(v.id for v in repo.training_annotations(s))
+        annotation_ids = sorted(v.id for v in annotations.training_annotations(s))
     return {"tmp": tmp, "url": url, "engine": engine, "base_id": base.id,
             "base_path": base_path, "annotation_ids": annotation_ids}
 
@@ -116,7 +116,7 @@ def _opts(world: dict, name: str, **kw) -> ft.FinetuneOptions:
 
 def _versions(world: dict) -> list:
     with session_scope(world["engine"], write=False) as s:
-        return repo.list_model_versions(s)
+        return model_versions.list_model_versions(s)
 
 
 def _active(world: dict) -> list[int]:
@@ -159,8 +159,8 @@ def test_finetune_registers_lineage_and_follows_the_rule(world: dict) -> None:
     assert sorted(trained + held) == world["annotation_ids"]
     assert len(lin["data_hash"]) == 64 and lin["replay"]["per_batch"] == 2
     with session_scope(world["engine"], write=False) as s:
-        row = repo.get_model_version(s, result.version)
-        run = repo.get_run(s, result.run_id)
+        row = model_versions.get_model_version(s, result.version)
+        run = runs.get_run(s, result.run_id)
         assert row.parent_id == world["base_id"] and row.lineage == lin
         assert row.metrics["corrections"]["score"] > row.metrics["base"]["corrections"]["score"]
         assert row.train_minutes is not None and row.checkpoint_sha256
@@ -178,10 +178,10 @@ def test_finetune_registers_lineage_and_follows_the_rule(world: dict) -> None:
 
     # Manual activation, then rollback: always exactly one active version.
     with session_scope(world["engine"]) as s:
-        repo.set_active_model_version(s, rejected.model_version_id)
+        model_versions.set_active_model_version(s, rejected.model_version_id)
     assert _active(world) == [rejected.model_version_id]
     with session_scope(world["engine"]) as s:
-        repo.set_active_model_version(s, world["base_id"])
+        model_versions.set_active_model_version(s, world["base_id"])
     assert _active(world) == [world["base_id"]]
 
 
@@ -193,7 +193,7 @@ def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> N
     assert {v.id for v in _versions(world)} == before
     assert not Path(opts.out).exists()
     with session_scope(world["engine"], write=False) as s:
-        run = repo.list_runs(s, limit=1)[0]
+        run = runs.list_runs(s, limit=1)[0]
         assert run.status == "failed" and "injected failure" in run.message
         assert run.model_version_id is None
     ok = ft.finetune(_opts(world, "fails"), engine=world["engine"])
@@ -214,7 +214,7 @@ def _wait_training(world: dict, run_id: int, proc: subprocess.Popen, timeout: fl
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(world["engine"], write=False) as s:
-            run = repo.get_run(s, run_id)
+            run = runs.get_run(s, run_id)
             if run.message and run.message.startswith("fine-tuning: step"):
                 return
         assert proc.poll() is None, proc.communicate()
@@ -227,8 +227,8 @@ def test_killed_run_leaves_database_consistent(world: dict, sig: signal.Signals)
     # The model config is the base's (SMALL): use the 128 px base even if a test activated
     # another version.
     with session_scope(world["engine"]) as s:
-        repo.set_active_model_version(s, world["base_id"])
-        run_id = repo.create_run(s, {"test": sig.name}).id
+        model_versions.set_active_model_version(s, world["base_id"])
+        run_id = runs.create_run(s, {"test": sig.name}).id
     before = {v.id for v in _versions(world)}
     name = f"killed-{sig.name}"
     proc = _spawn(world, name, run_id)
@@ -243,7 +243,7 @@ def test_killed_run_leaves_database_consistent(world: dict, sig: signal.Signals)
     assert {v.id for v in _versions(world)} == before  # nothing half-registered
     assert not out.exists()  # no checkpoint, whole or half
     with session_scope(world["engine"], write=False) as s:
-        run = repo.get_run(s, run_id)
+        run = runs.get_run(s, run_id)
     if sig == signal.SIGTERM:
         assert code == 128 + signal.SIGTERM
         assert run.status == "interrupted" and run.finished is not None
@@ -277,20 +277,20 @@ def test_worklist_orders_by_uncertainty_of_the_active_version(world: dict) -> No
         model(torch.rand(8, 1, SMALL.input_size, SMALL.input_size) * 4 - 2)
     path = save_checkpoint(model.eval(), world["tmp"] / "random.pt", meta={"version": "random"})
     with scope() as s:
-        row = repo.register_model_version(s, "random", str(path), ft.file_sha256(path),
+        row = model_versions.register_model_version(s, "random", str(path), ft.file_sha256(path),
                                           activate=True)
         handle = ModelHandle(row.id, "random", load_checkpoint(path))
-        image_ids = [r.image_id for r in repo.worklist(s)]
+        image_ids = [r.image_id for r in worklist.worklist(s)]
     with scope(write=False) as s:
-        assert all(r.uncertainty is None for r in repo.worklist(s, sort="uncertainty"))
+        assert all(r.uncertainty is None for r in worklist.worklist(s, sort="uncertainty"))
     for image_id in image_ids:  # what "re-predict with the active version" does
         assert ensure_prediction(scope, image_id, load_xray_payload(scope, image_id), handle)
     with scope(write=False) as s:
-        rows = repo.worklist(s, sort="uncertainty")
+        rows = worklist.worklist(s, sort="uncertainty")
     values = [r.uncertainty for r in rows]
     assert None not in values and len(set(values)) > 1
     assert values == sorted(values, reverse=True)  # least sure first
     assert all(0.0 <= v <= 1.0 for v in values)  # bits, binary entropy
     with scope() as s:  # rollback: the worklist follows the active version's predictions again
-        repo.set_active_model_version(s, world["base_id"])
-        assert all(r.uncertainty is None for r in repo.worklist(s, sort="uncertainty"))
+        model_versions.set_active_model_version(s, world["base_id"])
+        assert all(r.uncertainty is None for r in worklist.worklist(s, sort="uncertainty"))

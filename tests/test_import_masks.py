@@ -1,4 +1,4 @@
-"""``python -m database.import_masks`` on real COVID-QU-Ex images copied to tmp_path."""
+"""``python -m services.import_masks`` on real COVID-QU-Ex images copied to tmp_path."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from database import repository as repo
-from database.import_masks import import_masks, main
+from database import annotations, images
 from database.masks import read_mask_file
 from database.models import AnnotationVersion, Image
 from database.session import init_db, session_scope
+from services.import_masks import import_masks, main
 
 DATA = Path("/work/shared/data/covid-qu-ex/Infection Segmentation Data")
 CASES = [  # (class folder, file) from the Test split
@@ -90,20 +90,20 @@ def test_import_real_images_then_rerun_is_idempotent(
         assert any("nearest neighbour" in line for line in summary.lines())
 
         with session_scope(engine, write=False) as s:
-            images = list(s.scalars(select(Image).order_by(Image.id)))
-            assert sorted(i.display_name for i in images) == sorted(n for _, n in CASES)
-            for image in images:
+            stored = list(s.scalars(select(Image).order_by(Image.id)))
+            assert sorted(i.display_name for i in stored) == sorted(n for _, n in CASES)
+            for image in stored:
                 assert image.source == "import"
                 cls = next(c for c, n in CASES if n == image.display_name)
-                xray = xray_from_npz_bytes(repo.read_image_payload(image))
+                xray = xray_from_npz_bytes(images.read_image_payload(image))
                 assert xray.pixels.shape == (image.height, image.width)
                 for kind, sub in (("lung", "Lung Masks"), ("infection", "Infection Masks")):
-                    head = repo.head_version(s, image.id, kind)
+                    head = annotations.head_version(s, image.id, kind)
                     assert head.status == "submitted" and head.author.name == "importer"
                     assert head.parent_id is None
                     original = DATA / sub / "Test" / cls / f"{kind} masks" / image.display_name
                     np.testing.assert_array_equal(
-                        repo.version_mask(head), read_mask_file(str(original))
+                        annotations.version_mask(head), read_mask_file(str(original))
                     )
 
         # Second run through the command line: nothing new.
@@ -129,9 +129,9 @@ def test_import_real_images_then_rerun_is_idempotent(
         assert "1 saved, 7 already present" in capsys.readouterr().out
         with session_scope(engine, write=False) as s:
             image = s.scalar(select(Image).where(Image.display_name == CASES[1][1]))
-            chain = repo.list_versions(s, image.id, "infection")
+            chain = annotations.list_versions(s, image.id, "infection")
             assert len(chain) == 2 and chain[1].parent_id == chain[0].id
-            assert repo.version_mask(chain[1]).all()
+            assert annotations.version_mask(chain[1]).all()
     finally:
         engine.dispose()
 
@@ -154,7 +154,7 @@ def test_approved_import_needs_a_radiologist(dataset: dict[str, Path]) -> None:
     engine = init_db(f"sqlite:///{dataset['db']}")
     try:
         with session_scope(engine, write=False) as s:
-            heads = [repo.head_version(s, i.id, "lung") for i in s.scalars(select(Image))]
+            heads = [annotations.head_version(s, i.id, "lung") for i in s.scalars(select(Image))]
             assert len(heads) == 5  # lung only: the image without an infection mask counts too
             assert all(h.status == "approved" and h.author.role == "radiologist" for h in heads)
     finally:

@@ -60,7 +60,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from database import repository as repo
+import settings
+from database import annotations, images, model_versions, runs
 from database.session import init_db, session_scope
 from inference.model import (
     CLASS_NAMES,
@@ -350,7 +351,7 @@ class Progress:
         self._last = now
         try:
             with session_scope(self.engine) as s:
-                repo.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
+                runs.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
         except ValueError as exc:  # someone marked the run finished (the app's stale-run button)
             raise Interrupted(f"run marked finished elsewhere: {exc}") from exc
         except Exception as exc:  # a busy database must not kill the run; the next one retries
@@ -368,24 +369,24 @@ def _start_run(engine: Any, opts: FinetuneOptions) -> int:
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
     with session_scope(engine) as s:
         if opts.run_id is not None:
-            run = repo.get_run(s, opts.run_id)
+            run = runs.get_run(s, opts.run_id)
             if run is None:
                 raise FinetuneError(f"there is no fine-tune run {opts.run_id}")
             if run.status != "queued":
                 raise FinetuneError(f"fine-tune run {opts.run_id} is already {run.status}; "
                                     "start a new run to try again")
         else:
-            run = repo.create_run(s, args)
-        repo.update_run_progress(s, run.id, 0.0, "starting", pid=os.getpid())
+            run = runs.create_run(s, args)
+        runs.update_run_progress(s, run.id, 0.0, "starting", pid=os.getpid())
         return int(run.id)
 
 
 def _finish_failed(engine: Any, run_id: int, status: str, message: str) -> None:
     try:
         with session_scope(engine) as s:
-            run = repo.get_run(s, run_id)
-            if run is not None and run.status not in repo.FINISHED_RUN_STATUSES:
-                repo.finish_run(s, run_id, status, message=message[:2000])
+            run = runs.get_run(s, run_id)
+            if run is not None and run.status not in runs.FINISHED_RUN_STATUSES:
+                runs.finish_run(s, run_id, status, message=message[:2000])
     except Exception as exc:  # the database itself may be what failed
         print(f"could not mark run {run_id} {status}: {exc}", file=sys.stderr)
 
@@ -437,7 +438,7 @@ def finetune(opts: FinetuneOptions, engine: Any = None) -> FinetuneResult:
 
 def _resolve_base(s: Any, opts: FinetuneOptions) -> tuple[Path, Any]:
     """(checkpoint path, its registered model version or None)."""
-    versions = repo.list_model_versions(s)
+    versions = model_versions.list_model_versions(s)
     if opts.base:
         path = Path(opts.base).expanduser().resolve()
         if not path.is_file():
@@ -445,7 +446,7 @@ def _resolve_base(s: Any, opts: FinetuneOptions) -> tuple[Path, Any]:
         sha = file_sha256(path)
         match = [v for v in versions if v.checkpoint_sha256 == sha]
         return path, (match[-1] if match else None)  # the oldest registration of these weights
-    active = repo.get_active_model_version(s)
+    active = model_versions.get_active_model_version(s)
     if active is None:
         raise FinetuneError("no active model version to start from; pass --base CHECKPOINT")
     return Path(active.checkpoint_path), active
@@ -456,12 +457,12 @@ def _load_corrections(s: Any, opts: FinetuneOptions, size: int) -> list[Correcti
     from inference.loading import xray_from_npz_bytes
 
     by_image: dict[int, dict[str, Any]] = {}
-    for version in repo.training_annotations(s, opts.statuses):
+    for version in annotations.training_annotations(s, opts.statuses):
         by_image.setdefault(version.image_id, {})[version.kind] = version
     corrections = []
     for image_id, versions in sorted(by_image.items()):
         image = next(iter(versions.values())).image
-        xray = xray_from_npz_bytes(repo.read_image_payload(image))
+        xray = xray_from_npz_bytes(images.read_image_payload(image))
         square, box = letterbox_uint8(xray.pixels, size)
         c = Correction(image_id=image_id, image_sha256=image.sha256, image=square,
                        lung=np.zeros((size, size), bool), infection=np.zeros((size, size), bool))
@@ -516,7 +517,7 @@ def _finetune(
     with session_scope(engine, write=False) as s:
         base_path, base_row = _resolve_base(s, opts)
         if out == base_path or any(Path(v.checkpoint_path).resolve() == out
-                                   for v in repo.list_model_versions(s)):
+                                   for v in model_versions.list_model_versions(s)):
             raise FinetuneError(f"{out} is a registered model's checkpoint; choose a new --out")
         base_version_id = int(base_row.id) if base_row is not None else None
         base_version = base_row.version if base_row is not None else None
@@ -646,17 +647,17 @@ def _finetune(
     with signals_blocked():
         with session_scope(engine) as s:
             if accept and base_version_id is not None and not opts.base:
-                active = repo.get_active_model_version(s)
+                active = model_versions.get_active_model_version(s)
                 if active is None or active.id != base_version_id:
                     accept = False
                     reason = ("a user changed the active model during the run; not activated "
                               f"automatically (rule: {reason})")
                     metrics["decision"].update(activate=False, reason=reason)
-            row = repo.register_model_version(
+            row = model_versions.register_model_version(
                 s, version, str(out), sha, metrics=metrics, parent=base_version_id,
                 lineage=lineage, train_minutes=round(train_seconds / 60, 3), activate=accept)
             activated = bool(row.active)
-            repo.finish_run(s, run_id, "succeeded",
+            runs.finish_run(s, run_id, "succeeded",
                             message=f"{version}: {'activated' if activated else 'not activated'}"
                                     f" - {reason}", model_version_id=row.id)
             row_id = int(row.id)
@@ -710,10 +711,9 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--fail-after-step", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    from database.session import default_database_url
 
     return FinetuneOptions(
-        db=a.db or default_database_url(), out=a.out, base=a.base, data=a.data, steps=a.steps,
+        db=a.db or settings.database_url(), out=a.out, base=a.base, data=a.data, steps=a.steps,
         batch_size=a.batch_size, lr=a.lr, replay_ratio=a.replay_ratio,
         replay_classes=tuple(c.strip() for c in a.replay_classes.split(",") if c.strip()),
         replay_limit=a.replay_limit, val_size=a.val_size, holdout=a.holdout, seed=a.seed,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from alembic import context
 
+import settings
 from database.models import Base
-from database.session import default_database_url, make_engine
+from database.session import make_engine
 
 config = context.config
 target_metadata = Base.metadata
@@ -27,7 +28,7 @@ def _configure(**kwargs: object) -> None:
 
 def run_migrations_offline() -> None:
     _configure(
-        url=config.get_main_option("sqlalchemy.url") or default_database_url(),
+        url=config.get_main_option("sqlalchemy.url") or settings.database_url(),
         literal_binds=True,
     )
     with context.begin_transaction():
@@ -41,7 +42,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = make_engine(config.get_main_option("sqlalchemy.url") or default_database_url())
+    engine = make_engine(config.get_main_option("sqlalchemy.url") or settings.database_url())
     try:
         with engine.connect() as conn:
             _configure(connection=conn, transactional_ddl=True)

@@ -1,7 +1,7 @@
 """The app in real Chromium: upload, review panels, drawing corrections, bad input, conflicts.
 
 Each test works on its own study so the order does not matter; the database is inspected
-through the repository, exactly as the app wrote it.
+through the database modules, exactly as the app wrote it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from browser_helpers import AppServer, go_to, sign_in, wait_idle
 from dicom_samples import pydicom_data_file
 from playwright.sync_api import Locator, Page, expect
 
-from database import repository as repo
+from database import annotations, model_versions, predictions, worklist
 from database.session import make_engine, session_scope
 
 pytestmark = pytest.mark.browser
@@ -26,7 +26,7 @@ def image_id(server: AppServer, display_name: str) -> int:
     engine = make_engine(server.database_url)
     try:
         with session_scope(engine, write=False) as s:
-            for row in repo.worklist(s):
+            for row in worklist.worklist(s):
                 if row.display_name == display_name:
                     return row.image_id
     finally:
@@ -38,7 +38,9 @@ def versions(server: AppServer, image: int, kind: str) -> list[tuple[object, np.
     engine = make_engine(server.database_url)
     try:
         with session_scope(engine, write=False) as s:
-            return [(v, repo.version_mask(v)) for v in repo.list_versions(s, image, kind)]
+            return [
+                (v, annotations.version_mask(v)) for v in annotations.list_versions(s, image, kind)
+            ]
     finally:
         engine.dispose()
 
@@ -47,8 +49,10 @@ def model_mask(server: AppServer, image: int, kind: str) -> np.ndarray:
     engine = make_engine(server.database_url)
     try:
         with session_scope(engine, write=False) as s:
-            active = repo.get_active_model_version(s)
-            lung, infection = repo.prediction_masks(repo.get_prediction(s, image, active.id))
+            active = model_versions.get_active_model_version(s)
+            lung, infection = predictions.prediction_masks(
+                predictions.get_prediction(s, image, active.id)
+            )
     finally:
         engine.dispose()
     return lung if kind == "lung" else infection

@@ -1,16 +1,16 @@
 """Import existing X-rays and their masks as annotation versions.
 
-    python -m database.import_masks --images DIR --lung-masks DIR --infection-masks DIR \\
+    python -m services.import_masks --images DIR --lung-masks DIR --infection-masks DIR \\
         --author NAME [--status submitted|approved|draft] [--role annotator|radiologist] \\
         [--database-url URL] [--verbose]
 
 Images are found recursively and matched to masks by file stem (``a.png`` <-> ``a.png``; when a
 stem occurs more than once, the mask whose folders share the most names with the image's wins,
-e.g. ``Train/COVID-19``). Images load through ``inference.loading.load_xray`` and are stored with
-``add_image(source="import")``; masks (0/255 PNGs) become annotation versions by ``--author``,
-resized with nearest neighbour when their size differs from the image's. Running it again is a
-no-op: a mask equal to the current head of (image, kind) is not saved again. Each image is its
-own transaction. File names are printed only with ``--verbose``.
+e.g. ``Train/COVID-19``). Images load through ``inference.loading.load_xray`` and are stored by
+``services.ingest.store_xray(source="import")``; masks (0/255 PNGs) become annotation versions
+by ``--author``, resized with nearest neighbour when their size differs from the image's.
+Running it again is a no-op: a mask equal to the current head of (image, kind) is not saved
+again. Each image is its own transaction. File names are printed only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from database import repository as repo
+from database import annotations, users
 from database.masks import MaskError, read_mask_file, resize_mask
-from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES, ROLES
+from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
+from inference.loading import UnsupportedImage, load_xray
+from services.ingest import store_xray
+from settings import IMAGE_SUFFIXES, MASK_FILE_SUFFIXES, ROLES
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ""}
-MASK_SUFFIXES = {".png", ".bmp", ".tif", ".tiff"}
+# Extension-less files are DICOM too (archives often drop the suffix).
+IMPORT_SUFFIXES = {*IMAGE_SUFFIXES, ""}
+MASK_SUFFIXES = set(MASK_FILE_SUFFIXES)
 
 
 @dataclass
@@ -108,19 +112,17 @@ def import_masks(
     status: str = "submitted",
     role: str = "annotator",
 ) -> ImportSummary:
-    from inference.loading import UnsupportedImage, load_xray, xray_to_npz_bytes
-
     if lung_dir is None and infection_dir is None:
         raise ValueError("give at least one of the lung or infection mask folders")
     if status in REVIEW_STATUSES and role != "radiologist":
-        raise repo.RoleError(f"only a radiologist may import masks as {status}")
+        raise annotations.RoleError(f"only a radiologist may import masks as {status}")
     mask_dirs = {k: d for k, d in (("lung", lung_dir), ("infection", infection_dir)) if d}
     indexes = {kind: _index(d) for kind, d in mask_dirs.items()}
     with session_scope(engine) as s:
-        author = repo.get_or_create_user(s, author_name, role)
+        author = users.get_or_create_user(s, author_name, role)
 
     summary = ImportSummary()
-    for path in _files(images_dir, IMAGE_SUFFIXES):
+    for path in _files(images_dir, IMPORT_SUFFIXES):
         relative = path.relative_to(images_dir)
         masks: dict[str, Path] = {}
         for kind, index in indexes.items():
@@ -151,26 +153,17 @@ def import_masks(
                 summary.skip(str(relative), "unreadable mask")
                 continue
             with session_scope(engine) as s:
-                image, created = repo.add_image(
-                    s,
-                    xray_to_npz_bytes(xray),
-                    xray.sha256,
-                    xray.source_name,
-                    xray.metadata,
-                    width,
-                    height,
-                    "import",
-                )
+                image, created = store_xray(s, xray, xray.source_name, source="import")
                 if created:
                     summary.images_new += 1
                 else:
                     summary.images_present += 1
                 for kind, mask in arrays.items():
-                    head = repo.head_version(s, image.id, kind)
-                    if head is not None and np.array_equal(repo.version_mask(head), mask):
+                    head = annotations.head_version(s, image.id, kind)
+                    if head is not None and np.array_equal(annotations.version_mask(head), mask):
                         summary.versions_unchanged += 1
                         continue
-                    repo.save_annotation(
+                    annotations.save_annotation(
                         s,
                         image.id,
                         kind,
@@ -186,7 +179,7 @@ def import_masks(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m database.import_masks",
+        prog="python -m services.import_masks",
         description="Import X-rays with existing lung/infection masks as annotation versions.",
     )
     parser.add_argument("--images", type=Path, required=True, help="folder of X-rays (recursive)")

@@ -1,0 +1,88 @@
+"""Fine-tuning runs: queued -> running (progress, pid) -> succeeded | failed | interrupted.
+
+Every function takes a Session; the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from database.models import FinetuneRun, utcnow
+
+FINISHED_RUN_STATUSES: tuple[str, ...] = ("succeeded", "failed", "interrupted")
+
+
+def create_run(session: Session, args: dict[str, Any] | None = None) -> FinetuneRun:
+    run = FinetuneRun(status="queued", progress=0.0, args=dict(args or {}))
+    session.add(run)
+    session.flush()
+    return run
+
+
+def _get_run(session: Session, run_id: int) -> FinetuneRun:
+    run = session.get(FinetuneRun, run_id)
+    if run is None:
+        raise LookupError(f"no fine-tune run {run_id}")
+    return run
+
+
+def update_run_progress(
+    session: Session,
+    run_id: int,
+    progress: float,
+    message: str | None = None,
+    pid: int | None = None,
+) -> FinetuneRun:
+    """Record progress (0..1); the first update marks the run running and started."""
+    run = _get_run(session, run_id)
+    if run.status in FINISHED_RUN_STATUSES:
+        raise ValueError(f"fine-tune run {run_id} already {run.status}")
+    if run.status == "queued":
+        run.status = "running"
+        run.started = utcnow()
+    run.progress = min(1.0, max(0.0, float(progress)))
+    if message is not None:
+        run.message = message
+    if pid is not None:
+        run.pid = pid
+    session.flush()
+    return run
+
+
+def finish_run(
+    session: Session,
+    run_id: int,
+    status: str,
+    message: str | None = None,
+    model_version_id: int | None = None,
+) -> FinetuneRun:
+    if status not in FINISHED_RUN_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(FINISHED_RUN_STATUSES)}")
+    run = _get_run(session, run_id)
+    run.status = status
+    run.finished = utcnow()
+    if run.started is None:
+        run.started = run.finished
+    if status == "succeeded":
+        run.progress = 1.0
+    if message is not None:
+        run.message = message
+    if model_version_id is not None:
+        run.model_version_id = model_version_id
+    session.flush()
+    return run
+
+
+def get_run(session: Session, run_id: int) -> FinetuneRun | None:
+    return session.get(FinetuneRun, run_id)
+
+
+def list_runs(session: Session, limit: int | None = 50) -> list[FinetuneRun]:
+    """Newest first."""
+    stmt = select(FinetuneRun).order_by(FinetuneRun.id.desc())
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt))

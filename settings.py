@@ -1,0 +1,86 @@
+"""Where things are and the words every layer shares: the one home for paths, environment
+variables and fixed vocabulary. It imports nothing of InfMap, so every layer may import it.
+
+Environment variables (all optional):
+
+- ``DATABASE_URL``        the database (default ``sqlite:///<repo>/data/infmap.sqlite``)
+- ``INFMAP_DATA_DIR``     the file store of image payloads and fine-tuned checkpoints (default: the
+                          SQLite file's folder; needed for databases that have no file)
+- ``INFMAP_CHECKPOINT``   the checkpoint to register on first start (default ``models/infmap.pt``)
+- ``INFMAP_SAMPLES_DIR``  the sample cases imported on first start (default ``samples/``)
+- ``INFMAP_DATA``         the COVID-QU-Ex tree for training, evaluation and the data tests
+                          (default ``../shared/data/covid-qu-ex`` beside the repository)
+- ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
+- ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
+- ``INFMAP_ID_SALT``      salt of the hashed patient ID (read by ``inference.loading``)
+
+Importing this module sets ``HF_HUB_OFFLINE=1`` unless it is set: nothing may download weights
+at run time. The entry points (Makefile, ``.ci/run``, ``app.py``, the tests' conftest) rely on
+that or set it themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent
+SHIPPED_CHECKPOINT = REPO_ROOT / "models" / "infmap.pt"
+SAMPLES_DIR = REPO_ROOT / "samples"
+DEFAULT_DATABASE_PATH = REPO_ROOT / "data" / "infmap.sqlite"
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "covid-qu-ex"
+
+# ----------------------------------------------------------------------------- vocabulary
+ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
+MASK_KINDS: tuple[str, ...] = ("lung", "infection")
+# X-ray files by suffix (lower case). Extension-less DICOM files are accepted where a folder is
+# imported on purpose (``services.import_masks``), not when the samples are scanned.
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+MASK_FILE_SUFFIXES: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- environment
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value or None
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name) == "1"
+
+
+def database_url() -> str:
+    return _env("DATABASE_URL") or f"sqlite:///{DEFAULT_DATABASE_PATH}"
+
+
+def data_dir_override() -> Path | None:
+    """``INFMAP_DATA_DIR`` if set (else the file store follows the database, see
+    ``database.session.data_dir_for``)."""
+    env = _env("INFMAP_DATA_DIR")
+    return Path(env).expanduser().resolve() if env else None
+
+
+def checkpoint_path() -> Path:
+    """The checkpoint to register on first start: ``INFMAP_CHECKPOINT`` or ``models/infmap.pt``."""
+    override = _env("INFMAP_CHECKPOINT")
+    return Path(override).expanduser().resolve() if override else SHIPPED_CHECKPOINT
+
+
+def samples_dir() -> Path:
+    return Path(_env("INFMAP_SAMPLES_DIR") or SAMPLES_DIR)
+
+
+def shared_data_dir() -> Path:
+    """The COVID-QU-Ex tree (``<root>/<Train|Val|Test>/<class>/{images,lung masks,...}``)."""
+    return Path(_env("INFMAP_DATA") or DEFAULT_SHARED_DATA).expanduser()
+
+
+def require_data() -> bool:
+    return _flag("INFMAP_REQUIRE_DATA")
+
+
+def require_browser() -> bool:
+    return _flag("INFMAP_REQUIRE_BROWSER")
