@@ -23,12 +23,9 @@ falling back to matplotlib) and ``annotation_loop.html``; prints a markdown tabl
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -41,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
 from database import model_versions  # noqa: E402
 from database.session import init_db, session_scope  # noqa: E402
 from inference.model import (  # noqa: E402

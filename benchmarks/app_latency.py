@@ -20,12 +20,9 @@ benchmarks/results/app_latency.json.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -37,6 +34,8 @@ from typing import Any  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "browser"))

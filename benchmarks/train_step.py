@@ -12,12 +12,9 @@ Ratios are against float32 in the same run. Writes ``benchmarks/results/train_st
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -26,6 +23,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
 from inference.model import ModelConfig, build_model  # noqa: E402
 from training.loop import cpu_has_native_bf16, train_step  # noqa: E402
 from training.losses import MultiTaskLoss  # noqa: E402

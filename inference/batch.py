@@ -11,10 +11,6 @@ inside a sub-folder of an INPUT folder keep that sub-folder under ``masks/`` so 
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
-
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import sys  # noqa: E402
@@ -26,6 +22,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
 from inference.loading import UnsupportedImage, load_xray  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
 from inference.predict import Prediction, predict  # noqa: E402

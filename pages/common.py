@@ -11,22 +11,19 @@ Not a page itself (``app.py`` lists the pages). Caching:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streamlit as st
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 import settings
-from database.session import init_db, session_scope
 from inference.loading import XRay
 from inference.model import CheckpointError, LoadedModel, load_checkpoint
 from services import bootstrap as boot
 from services import identity, studies
+from services.storage import Store, open_store
 
 log = logging.getLogger("infmap.app")
 
@@ -40,19 +37,13 @@ DISCLAIMER = (
 
 # ----------------------------------------------------------------------------- resources
 @st.cache_resource(show_spinner=False)
-def _engine(url: str) -> Engine:
-    return init_db(url)
+def _store(url: str) -> Store:
+    return open_store(url)
 
 
-def engine() -> Engine:
-    return _engine(settings.database_url())
-
-
-@contextmanager
-def db(write: bool = True) -> Iterator[Session]:
+def db(write: bool = True) -> AbstractContextManager[Any]:
     """A session in one transaction on the app's database (the services' ``scope``)."""
-    with session_scope(engine(), write=write) as session:
-        yield session
+    return _store(settings.database_url()).scope(write=write)
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

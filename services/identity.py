@@ -13,7 +13,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
+from settings import ROLES as ROLES  # re-exported for app.py
+
 ROLE_HELP = {
     "annotator": "corrects masks, saves drafts, submits for review",
     "radiologist": "corrects masks and approves or sends back submitted ones",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,8 @@ from inference.preprocess import preprocess
 from inference.severity import SCALE_NAME, severity
 from services.ingest import ModelHandle, SessionFactory, ensure_prediction
 from services.masks import dice
+from settings import MASK_KINDS as MASK_KINDS  # re-exported for the pages
 
-MASK_KINDS: tuple[str, ...] = ("lung", "infection")
 KIND_LABELS = {"lung": "Lung mask", "infection": "Infection mask"}
 STATUS_LABELS = {
     "draft": "draft",
@@ -173,17 +172,20 @@ def prediction_for(
 
 
 def gradcam_for(pixels: np.ndarray, model: LoadedModel, class_name: str) -> np.ndarray:
-    """Grad-CAM of ``class_name`` on the original grid: the encoder only, no decoder or masks."""
+    """Grad-CAM of ``class_name`` on the original grid, as ``inference.predict`` computes it
+    (``forward_with_features`` + ``inference.gradcam.gradcam``) for a class of the user's choice."""
     config = model.config
     names = list(config.class_names)
     if class_name not in names:
         raise ValueError(f"unknown class {class_name!r}; expected one of {names}")
-    x, box = preprocess(pixels, config.input_size, config.norm_mean, config.norm_std)
     net = model.model
+    if net.training:  # dropout and batch statistics would change the map
+        net.eval()
+    x, box = preprocess(pixels, config.input_size, config.norm_mean, config.norm_std)
     param = next(net.parameters())
     tensor = torch.from_numpy(x)[None, None].to(device=param.device, dtype=param.dtype)
     with torch.inference_mode():
-        features = net.net.encoder(tensor)[-1]
+        _, _, features = net.forward_with_features(tensor)
     return gradcam(net, features, names.index(class_name), box)
 
 
@@ -349,10 +351,6 @@ def review_head(
         return SaveOutcome(False, None, str(exc))
     word = "Approved" if action == "approve" else "Sent back"
     return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")
-
-
-def checkpoint_exists(model: ModelInfo | None) -> bool:
-    return model is not None and Path(model.checkpoint_path).is_file()
 
 
 def thumbnail(scope: SessionFactory, image_id: int) -> str:

@@ -406,7 +406,6 @@ def signals_blocked() -> Iterator[None]:
 def finetune(opts: FinetuneOptions, engine: Any = None) -> FinetuneResult:
     """Run one fine-tuning; see the module docstring. Raises ``FinetuneError`` for a run that
     cannot proceed (the run row says why), ``Interrupted`` on SIGTERM/SIGINT."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     own_engine = engine is None
