@@ -12,7 +12,7 @@ Environment variables (all optional):
                           (default ``../shared/data/covid-qu-ex`` beside the repository)
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
-- ``INFMAP_ID_SALT``      salt of the hashed patient ID (read by ``inference.loading``)
+- ``INFMAP_ID_SALT``      salt of the hashed patient ID (read by ``inference.deid``)
 
 Importing this module sets ``HF_HUB_OFFLINE=1`` unless it is set: nothing may download weights
 at run time. The entry points (Makefile, ``.ci/run``, ``app.py``, the tests' conftest) rely on

@@ -64,7 +64,7 @@ def add_image(
 ) -> tuple[Image, bool]:
     """Store a study, deduplicated by the original file's sha256. Returns (image, created).
 
-    The payload (``inference.loading.xray_to_npz_bytes``) is written atomically to
+    The payload (``inference.storage.xray_to_npz_bytes``) is written atomically to
     ``<data_dir>/images/<sha256>.npz`` before the row is flushed; a crash after the write leaves
     only a content-addressed file that the next add of the same image reuses.
     """
@@ -126,7 +126,7 @@ def image_payload_path(image: Image, data_dir: str | Path | None = None) -> Path
 
 
 def read_image_payload(image: Image, data_dir: str | Path | None = None) -> bytes:
-    """The stored de-identified payload (feed to ``inference.loading.xray_from_npz_bytes``)."""
+    """The stored de-identified payload (feed to ``inference.storage.xray_from_npz_bytes``)."""
     path = image_payload_path(image, data_dir)
     try:
         data = path.read_bytes()

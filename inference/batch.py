@@ -1,12 +1,14 @@
 """Batch inference over files and folders -> predictions.csv and mask PNGs.
 
-    python -m inference.batch INPUT... --out DIR [--checkpoint PATH]
+    python -m inference.batch INPUT... --out DIR [--checkpoint PATH] [--timeout SECONDS]
 
 INPUT is a file or a folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and for
 extension-less DICOM files). Writes ``DIR/predictions.csv`` (one row per input file; a file that
 cannot be read gets its message in ``error`` and the run goes on) and
 ``DIR/masks/<stem>_lung.png`` / ``<stem>_infection.png`` (0/255, the input image's size). Files
 inside a sub-folder of an INPUT folder keep that sub-folder under ``masks/`` so names never clash.
+Each file is decoded in a worker process with a time limit (``--timeout``) and a memory limit
+(``inference.isolation``): a file that stalls or bloats the decoder gets an error row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
-from inference.loading import UnsupportedImage, load_xray  # noqa: E402
+from inference.checks import UnsupportedImage  # noqa: E402
+from inference.isolation import Budget, load_xray_isolated  # noqa: E402
+from inference.limits import decode_seconds  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
 from inference.predict import Prediction, predict  # noqa: E402
 
@@ -113,10 +117,13 @@ def error_row(display: str, message: str) -> dict[str, str]:
     return row
 
 
-def process_one(item: InputFile, model: LoadedModel, masks_dir: Path, key: str) -> dict[str, str]:
+def process_one(
+    item: InputFile, model: LoadedModel, masks_dir: Path, key: str, budget: Budget | None = None
+) -> dict[str, str]:
     """One file -> its CSV row; every failure becomes the row's error message."""
     try:
-        xray = load_xray(item.path)  # also reports missing files and folders given as files
+        # In a worker within the budget; also reports missing files and folders given as files.
+        xray = load_xray_isolated(item.path, budget=budget)
         p = predict(xray, model)
         _write_mask(masks_dir / f"{key}_lung.png", p.lung_mask)
         _write_mask(masks_dir / f"{key}_infection.png", p.infection_mask)
@@ -137,7 +144,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model checkpoint (default: {DEFAULT_CHECKPOINT})")
-    return p.parse_args(argv)
+    p.add_argument("--timeout", type=float, default=decode_seconds(), metavar="SECONDS",
+                   help="stop reading a file after this many seconds and record an error row "
+                   f"(default: {decode_seconds():g})")
+    args = p.parse_args(argv)
+    if args.timeout <= 0:
+        p.error("--timeout must be a positive number of seconds")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     masks_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out / "predictions.csv"
     used: set[str] = set()
+    budget = Budget(seconds=args.timeout)
     failed = 0
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         # File names are not printed: they may carry patient identifiers.
         for item in tqdm(items, desc="InfMap", unit="image", file=sys.stderr):
-            row = process_one(item, model, masks_dir, _unique(item.mask_key, used))
+            row = process_one(item, model, masks_dir, _unique(item.mask_key, used), budget)
             failed += bool(row["error"])
             writer.writerow(row)
             fh.flush()  # rows survive an interrupted run

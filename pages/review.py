@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from inference.loading import apply_window
+from inference.windowing import apply_window
 from pages import common
 from services import display, studies
 

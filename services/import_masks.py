@@ -6,11 +6,13 @@
 
 Images are found recursively and matched to masks by file stem (``a.png`` <-> ``a.png``; when a
 stem occurs more than once, the mask whose folders share the most names with the image's wins,
-e.g. ``Train/COVID-19``). Images load through ``inference.loading.load_xray`` and are stored by
-``services.ingest.store_xray(source="import")``; masks (0/255 PNGs) become annotation versions
-by ``--author``, resized with nearest neighbour when their size differs from the image's.
-Running it again is a no-op: a mask equal to the current head of (image, kind) is not saved
-again. Each image is its own transaction. File names are printed only with ``--verbose``.
+e.g. ``Train/COVID-19``). Images load through ``inference.isolation.load_xray_isolated`` (a
+worker process with a time and memory budget per file) and are stored by
+``services.ingest.store_xray(source="import")``; files (or symlinks) resolving outside the given
+folders are never read. Masks (0/255 PNGs) become annotation versions by ``--author``, resized
+with nearest neighbour when their size differs from the image's. Running it again is a no-op: a
+mask equal to the current head of (image, kind) is not saved again. Each image is its own
+transaction. File names are printed only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from database import annotations, users
 from database.masks import MaskError, read_mask_file, resize_mask
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
-from inference.loading import UnsupportedImage, load_xray
+from inference.checks import UnsupportedImage
+from inference.isolation import load_xray_isolated
 from services.ingest import store_xray
 from settings import IMAGE_SUFFIXES, MASK_FILE_SUFFIXES, ROLES
 
@@ -75,10 +78,16 @@ class ImportSummary:
 
 
 def _files(root: Path, suffixes: set[str]) -> list[Path]:
+    """Files under ``root`` with these suffixes; a symlink resolving outside ``root`` is left out
+    (a folder handed to the importer must not become a way to read files elsewhere)."""
+    inside = root.resolve()
     return sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
+        if p.is_file()
+        and not p.name.startswith(".")
+        and p.suffix.lower() in suffixes
+        and p.resolve().is_relative_to(inside)
     )
 
 
@@ -135,7 +144,7 @@ def import_masks(
             masks[kind] = found
         else:
             try:
-                xray = load_xray(path)
+                xray = load_xray_isolated(path)
             except UnsupportedImage as exc:
                 summary.skip(str(relative), f"not a usable X-ray ({exc})")
                 continue

@@ -19,9 +19,12 @@ from sqlalchemy.orm import Session
 
 from database import images, predictions
 from database.models import Image
-from inference.loading import UnsupportedImage, XRay, load_xray, xray_to_npz_bytes
+from inference.checks import UnsupportedImage
+from inference.isolation import Budget, load_xray_isolated
+from inference.loading import XRay
 from inference.model import LoadedModel
 from inference.predict import predict
+from inference.storage import xray_to_npz_bytes
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,12 @@ def ingest_file(
     name: str,
     models: Iterable[ModelHandle],
     source: str = "upload",
+    budget: Budget | None = None,
 ) -> IngestOutcome:
-    """Load, store (deduplicated) and predict one file. Bad input -> ``outcome.error``."""
+    """Load (in a worker process, within ``budget``), store (deduplicated) and predict one file.
+    Bad input -> ``outcome.error``."""
     try:
-        xray = load_xray(bytes(data), name=name)
+        xray = load_xray_isolated(bytes(data), name=name, budget=budget)
     except UnsupportedImage as exc:
         return IngestOutcome(name=name, error=str(exc))
     try:

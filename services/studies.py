@@ -18,11 +18,12 @@ from database import annotations, images, model_versions, predictions
 from database import worklist as worklist_queries
 from database.models import User
 from inference.gradcam import gradcam
-from inference.loading import XRay, xray_from_npz_bytes
+from inference.loading import XRay
 from inference.model import LoadedModel
 from inference.predict import infection_percentages
 from inference.preprocess import preprocess
 from inference.severity import SCALE_NAME, severity
+from inference.storage import xray_from_npz_bytes
 from services.ingest import ModelHandle, SessionFactory, ensure_prediction
 from services.masks import dice
 from settings import MASK_KINDS as MASK_KINDS  # re-exported for the pages

@@ -73,8 +73,7 @@ def _versions(engine) -> int:
 def test_import_real_images_then_rerun_is_idempotent(
     dataset: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("inference.loading")
-    from inference.loading import xray_from_npz_bytes
+    from inference.storage import xray_from_npz_bytes
 
     engine = init_db(f"sqlite:///{dataset['db']}")
     try:

@@ -19,15 +19,11 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, JPEG2000Lossless, RLELossless
 
-from inference.loading import (
-    MAX_PIXELS,
-    UnsupportedImage,
-    XRay,
-    apply_window,
-    load_xray,
-    xray_from_npz_bytes,
-    xray_to_npz_bytes,
-)
+from inference.checks import UnsupportedImage
+from inference.limits import MAX_PIXELS
+from inference.loading import XRay, load_xray
+from inference.storage import xray_from_npz_bytes, xray_to_npz_bytes
+from inference.windowing import apply_window
 
 COVID_DIR = Path(
     "/work/shared/data/covid-qu-ex/Infection Segmentation Data/Infection Segmentation Data"

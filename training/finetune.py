@@ -453,7 +453,7 @@ def _resolve_base(s: Any, opts: FinetuneOptions) -> tuple[Path, Any]:
 
 def _load_corrections(s: Any, opts: FinetuneOptions, size: int) -> list[Correction]:
     from database.masks import png_to_mask
-    from inference.loading import xray_from_npz_bytes
+    from inference.storage import xray_from_npz_bytes
 
     by_image: dict[int, dict[str, Any]] = {}
     for version in annotations.training_annotations(s, opts.statuses):
