@@ -13,6 +13,11 @@ Environment variables (all optional):
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
 - ``INFMAP_ID_SALT``      salt of the hashed patient ID (read by ``inference.deid``)
+- ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
+- ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
+- ``STREAMLIT_SERVER_MAX_UPLOAD_SIZE``  Streamlit's own override of ``server.maxUploadSize`` in
+                          ``.streamlit/config.toml``: the one upload limit (MB), which the
+                          loader applies to every file too
 
 Importing this module sets ``HF_HUB_OFFLINE=1`` unless it is set: nothing may download weights
 at run time. The entry points (Makefile, ``.ci/run``, ``app.py``, the tests' conftest) rely on
@@ -22,6 +27,7 @@ that or set it themselves.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +38,10 @@ SAMPLES_DIR = REPO_ROOT / "samples"
 DEFAULT_DATABASE_PATH = REPO_ROOT / "data" / "infmap.sqlite"
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "covid-qu-ex"
+STREAMLIT_CONFIG = REPO_ROOT / ".streamlit" / "config.toml"
+STREAMLIT_DEFAULT_UPLOAD_MB = 200  # Streamlit's default when server.maxUploadSize is not set
+DEFAULT_DECODE_SECONDS = 60.0  # RG1 (3.6 MP JPEG 2000) reads in ~1 s on a busy 2-core machine
+DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at ~1.7 GB
 
 # ----------------------------------------------------------------------------- vocabulary
 ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
@@ -84,3 +94,25 @@ def require_data() -> bool:
 
 def require_browser() -> bool:
     return _flag("INFMAP_REQUIRE_BROWSER")
+
+
+def decode_seconds() -> float:
+    return float(_env("INFMAP_DECODE_SECONDS") or DEFAULT_DECODE_SECONDS)
+
+
+def decode_memory_mb() -> float:
+    return float(_env("INFMAP_DECODE_MEMORY_MB") or DEFAULT_DECODE_MEMORY_MB)
+
+
+def upload_limit_mb(config_path: Path = STREAMLIT_CONFIG) -> int:
+    """``server.maxUploadSize`` as Streamlit applies it: its environment override, else
+    ``.streamlit/config.toml``, else Streamlit's default."""
+    override = _env("STREAMLIT_SERVER_MAX_UPLOAD_SIZE")
+    if override:
+        return int(override)
+    try:
+        with open(config_path, "rb") as fh:
+            config = tomllib.load(fh)
+    except FileNotFoundError:
+        return STREAMLIT_DEFAULT_UPLOAD_MB
+    return int(config.get("server", {}).get("maxUploadSize", STREAMLIT_DEFAULT_UPLOAD_MB))

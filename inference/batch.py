@@ -24,10 +24,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import settings  # noqa: E402,F401 - sets HF_HUB_OFFLINE before timm loads
+import settings  # noqa: E402 - also sets HF_HUB_OFFLINE before timm loads
 from inference.checks import UnsupportedImage  # noqa: E402
 from inference.isolation import Budget, load_xray_isolated  # noqa: E402
-from inference.limits import decode_seconds  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
 from inference.predict import Prediction, predict  # noqa: E402
 
@@ -144,9 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
                    help=f"model checkpoint (default: {DEFAULT_CHECKPOINT})")
-    p.add_argument("--timeout", type=float, default=decode_seconds(), metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=settings.decode_seconds(), metavar="SECONDS",
                    help="stop reading a file after this many seconds and record an error row "
-                   f"(default: {decode_seconds():g})")
+                   f"(default: {settings.decode_seconds():g})")
     args = p.parse_args(argv)
     if args.timeout <= 0:
         p.error("--timeout must be a positive number of seconds")

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
+import settings
 from inference import limits
 from inference.checks import COULD_NOT_READ, UnsupportedImage, traceback_summary
 from inference.loading import XRay, load_xray
@@ -66,7 +67,7 @@ def _memory_message(memory_bytes: int) -> str:
 class Budget:
     """What one file may cost: wall-clock seconds, and bytes of memory beyond the worker's start."""
 
-    seconds: float = field(default_factory=limits.decode_seconds)
+    seconds: float = field(default_factory=settings.decode_seconds)
     memory_bytes: int = field(default_factory=limits.decode_memory_bytes)
 
 
