@@ -22,6 +22,7 @@ import streamlit_drawable_canvas  # noqa: E402, F401
 
 from pages import common  # noqa: E402
 from services import identity, studies  # noqa: E402
+from services.text import md_escape  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,7 +57,9 @@ def identity_sidebar() -> None:
     with st.sidebar:
         user = common.user()
         if user is not None:
-            st.success(f"Signed in as {user.name} ({user.role})", icon=":material/person:")
+            st.success(
+                f"Signed in as {md_escape(user.name)} ({user.role})", icon=":material/person:"
+            )
             st.button(
                 "Sign out",
                 key="identity.sign_out",

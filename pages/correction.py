@@ -20,6 +20,7 @@ from streamlit_drawable_canvas import st_canvas
 from inference.overlay import INFECTION_COLOR, LUNG_COLOR
 from pages import common
 from services import display, identity, masks, studies
+from services.text import md_escape
 
 WORK = "correction.work"
 FLASH = "correction.flash"
@@ -182,7 +183,7 @@ def history(
         mask = model_mask if chosen == MODEL else saved[int(chosen)]
         st.metric("Dice vs model", f"{masks.dice(mask, model_mask):.3f}")
         if chosen != MODEL and by_id[int(chosen)].comment:
-            st.markdown(f"Comment: _{by_id[int(chosen)].comment}_")
+            st.markdown(f"Comment: _{md_escape(by_id[int(chosen)].comment)}_")
         if can_edit and st.button(
             "Continue editing from this version", key=f"correction.load.{kind}"
         ):
@@ -192,7 +193,7 @@ def history(
         h, w = masks.canvas_size(*mask.shape, max_side=384)
         st.image(
             display.mask_on_xray(pixels, mask, color, 0.45, size=(h, w)),
-            caption=label(chosen),
+            caption=md_escape(label(chosen)),
         )
 
 
@@ -238,7 +239,7 @@ def main() -> None:
     with notices:
         if head is not None and head.id != work.parent:
             st.warning(
-                f"{head.author} saved version {head.id} ({head.status}) at "
+                f"{md_escape(head.author)} saved version {head.id} ({head.status}) at "
                 f"{common.fmt_time(head.created)}, after the version you are editing on. "
                 "Saving now will be refused; your edit would be kept as a conflict draft.",
                 icon=":material/sync_problem:",

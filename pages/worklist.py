@@ -8,6 +8,7 @@ import streamlit as st
 from inference.model import CLASS_NAMES
 from pages import common
 from services import ingest, studies
+from services.text import md_escape
 
 UPLOAD_NONCE = "worklist.upload_nonce"
 UPLOAD_RESULTS = "worklist.upload_results"
@@ -48,16 +49,19 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
     outcomes = st.session_state.get(UPLOAD_RESULTS, [])
     for n, o in enumerate(outcomes):
         if not o.ok:
-            st.error(f"**{o.name}** was not added: {o.error}", icon=":material/error:")
+            st.error(
+                f"**{md_escape(o.name)}** was not added: {md_escape(o.error)}",
+                icon=":material/error:",
+            )
             continue
         cols = st.columns([6, 1], vertical_alignment="center")
         with cols[0]:
             if o.created:
                 ran = f" Predicted by model {', '.join(o.predicted)}." if o.predicted else ""
-                st.success(f"**{o.name}** added as study #{o.image_id}.{ran}")
+                st.success(f"**{md_escape(o.name)}** added as study #{o.image_id}.{ran}")
             else:
                 st.info(
-                    f"**{o.name}** is already study #{o.image_id} (same file content): "
+                    f"**{md_escape(o.name)}** is already study #{o.image_id} (same file content): "
                     "not stored or predicted again."
                 )
         with cols[1]:
