@@ -22,6 +22,7 @@ import streamlit_drawable_canvas  # noqa: E402, F401
 
 from pages import common  # noqa: E402
 from services import identity, studies  # noqa: E402
+from services.storage import storage_problem  # noqa: E402
 from services.text import md_escape  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +49,9 @@ def _sign_in() -> None:
         )
     except ValueError as exc:  # IdentityError, or the name exists with another role
         st.session_state["identity.error"] = str(exc)
+    except Exception as exc:  # a read-only or full database: a plain message, no traceback
+        common.log.exception("sign-in failed")
+        st.session_state["identity.error"] = storage_problem(exc) or "Signing in failed."
     else:
         st.session_state.pop("identity.error", None)
 
@@ -92,13 +96,23 @@ def main() -> None:
         common.bootstrap()
     except Exception as exc:  # no traceback in the UI; the server log has it
         common.log.exception("bootstrap failed")
-        st.error(f"InfMap could not open its database or model ({type(exc).__name__}: {exc}).")
+        st.error(
+            storage_problem(exc)
+            or f"InfMap could not open its database or model ({type(exc).__name__})."
+        )
         st.stop()
     identity_sidebar()
     with st.sidebar:
         model = studies.active_model(common.db)
         st.caption(f"Model version: {model.version if model else 'none'}")
-    navigation.run()
+    try:
+        navigation.run()
+    except Exception as exc:  # every page: storage failures in plain words, never a traceback
+        common.log.exception("page failed")
+        st.error(
+            storage_problem(exc) or "Something went wrong on this page; the server log has it.",
+            icon=":material/error:",
+        )
 
 
 main()

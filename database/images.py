@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,24 @@ class PayloadError(RuntimeError):
 def session_data_dir(session: Session) -> Path:
     """The file-store root of the database ``session`` is bound to."""
     return data_dir_for(session.get_bind())  # type: ignore[arg-type]  # an Engine here
+
+
+STALE_TEMP_SECONDS = 600.0  # no payload write takes this long; a younger one may be under way
+
+
+def remove_stale_temp_payloads(session: Session, older_than: float = STALE_TEMP_SECONDS) -> int:
+    """Delete ``images/*.tmp`` files left by a write that was killed (SIGKILL during an upload);
+    younger ones may belong to a write still under way in another process. Returns how many."""
+    cutoff = time.time() - older_than
+    removed = 0
+    for tmp in (session_data_dir(session) / "images").glob("*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+    return removed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

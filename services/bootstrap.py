@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from database import model_versions
+from database import images, model_versions
 from database.models import ModelVersion
 from inference.model import CheckpointError, LoadedModel, file_sha256
 from services.ingest import IngestOutcome, ModelHandle, SessionFactory, ingest_file
@@ -111,6 +111,10 @@ def bootstrap(
 ) -> BootstrapReport:
     """Register ``checkpoint`` if new, then import the samples with the active model."""
     report = BootstrapReport()
+    with scope(write=False) as session:
+        removed = images.remove_stale_temp_payloads(session)
+    if removed:
+        log.info("removed %d unfinished payload file(s) of an interrupted write", removed)
     if checkpoint.is_file():
         try:
             row, report.model_registered = register_checkpoint(scope, checkpoint, load_model)

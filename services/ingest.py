@@ -25,6 +25,7 @@ from inference.loading import XRay
 from inference.model import LoadedModel
 from inference.predict import predict
 from inference.storage import xray_to_npz_bytes
+from services.storage import storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -121,5 +122,6 @@ def ingest_file(
         log.exception("ingest failed (%s)", type(exc).__name__)
         return IngestOutcome(
             name=name,
-            error=f"The file was read but could not be stored or analysed ({type(exc).__name__}).",
+            error=storage_problem(exc)
+            or f"The file was read but could not be stored or analysed ({type(exc).__name__}).",
         )
