@@ -1,0 +1,109 @@
+"""Issue 17 in the app: user text shown literally, storage failures in plain words on every page,
+unfinished payload files cleaned on start (AppTest on its own temp database)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import probe_inputs as probe
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from services import ingest
+from services.storage import MISSING_PAYLOAD, open_store
+from services.text import md_escape
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+TIMEOUT = 180
+
+
+@pytest.fixture
+def app_db(
+    tmp_path: Path, random_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """A fresh database with one sample study (the bootstrap predicts it)."""
+    samples = tmp_path / "samples" / "Normal"
+    samples.mkdir(parents=True)
+    shutil.copy(probe.SAMPLES / "Normal" / "normal_1.png", samples)
+    db = tmp_path / "infmap.sqlite"
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{db}")
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
+    monkeypatch.setenv("INFMAP_SAMPLES_DIR", str(tmp_path / "samples"))
+    monkeypatch.delenv("INFMAP_DATA_DIR", raising=False)
+    yield db
+
+
+def run(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception, at.exception
+    if page is not None:
+        at.switch_page(page).run()
+    return at
+
+
+def sign_in(at: AppTest, name: str) -> None:
+    at.sidebar.text_input(key="identity.name").input(name)
+    at.sidebar.button[0].click().run()
+
+
+def test_md_escape_leaves_no_markdown() -> None:
+    for text in probe.MARKDOWN_INJECTIONS:
+        escaped = md_escape(text)
+        # No Markdown punctuation is left unescaped (links, images, emphasis, icons, LaTeX, HTML).
+        assert re.search(r"(?<!\\)[!\[\]()*_`:<>$/]", escaped) is None, escaped
+        assert escaped.replace("\\", "") == text  # and it renders as exactly the text given
+    assert md_escape("two\nlines") == "two lines"
+
+
+def test_read_only_database_gives_a_plain_message_at_sign_in(
+    app_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run()  # creates and fills the database
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///file:{app_db}?mode=ro&uri=true")
+    at = run()
+    sign_in(at, "Nobody Yet")
+    assert not at.exception, at.exception
+    message = at.session_state["identity.error"]  # what the sidebar shows under the form
+    assert "read-only" in message and "Traceback" not in message and "INSERT" not in message
+
+
+def test_read_only_database_upload_says_so(app_db: Path) -> None:
+    run()
+    store = open_store(f"sqlite:///file:{app_db}?mode=ro&uri=true")
+    good = (probe.SAMPLES / "COVID-19" / "covid_1579.png").read_bytes()
+    outcome = ingest.ingest_file(store.scope, good, "new.png", [])
+    store.engine.dispose()
+    assert outcome.error is not None and "read-only" in outcome.error
+
+
+def test_missing_payload_gives_a_plain_message_on_review_and_correction(app_db: Path) -> None:
+    run()
+    for payload in (app_db.parent / "images").glob("*.npz"):
+        payload.unlink()
+    for page in ("pages/review.py", "pages/correction.py"):
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        messages = " ".join(e.value for e in at.error)
+        assert "missing" in messages, (page, messages)
+        assert "PayloadError" not in messages and "Traceback" not in messages
+    assert "Upload the original file again" in MISSING_PAYLOAD
+
+
+def test_unfinished_payload_files_are_removed_on_start(app_db: Path) -> None:
+    images = app_db.parent / "images"
+    images.mkdir(parents=True)
+    stale = images / ("a" * 64 + ".npz.x1y2.tmp")
+    fresh = images / ("b" * 64 + ".npz.z3w4.tmp")
+    stale.write_bytes(b"\0" * 1024)
+    fresh.write_bytes(b"\0" * 1024)
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    run()
+    assert not stale.exists()  # left by a write killed long ago
+    assert fresh.exists()  # may be another process's write under way
