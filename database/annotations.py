@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from database.masks import mask_to_png, png_to_mask
@@ -301,6 +301,36 @@ def return_annotation(
 ) -> AnnotationVersion:
     """A radiologist sends the head back: a new ``returned`` version with the head's mask."""
     return _review(session, image_id, kind, reviewer, "returned", base_version_id, comment)
+
+
+def submit_draft(
+    session: Session, image_id: int, kind: str, submitter: User, base_version_id: int
+) -> AnnotationVersion:
+    """Submit the head draft for review as it is: its status becomes ``submitted`` in place.
+
+    The one change a saved version may undergo (draft -> submitted, same mask, same author):
+    a second version with an identical mask would only be noise in the history. A changed mask
+    is saved as a new version instead (``save_annotation``).
+    """
+    _check_kind(kind)
+    _lock_image(session, image_id)
+    head = head_version(session, image_id, kind)
+    if head is None:
+        raise ValueError(f"there is no {kind} mask to submit for this image")
+    if head.id != base_version_id:
+        raise _stale(image_id, kind, base_version_id, head, None)
+    if head.status != "draft":
+        raise ValueError(f"version {head.id} is {head.status}, not a draft")
+    # A targeted UPDATE: the ORM flush path stays append-only (models' before_update guard).
+    session.execute(
+        update(AnnotationVersion)
+        .where(AnnotationVersion.id == head.id, AnnotationVersion.status == "draft")
+        .values(status="submitted")
+        .execution_options(synchronize_session="fetch")
+    )
+    session.refresh(head)
+    log.info("image %s %s: draft %s submitted by user %s", image_id, kind, head.id, submitter.id)
+    return head
 
 
 def list_versions(

@@ -2,7 +2,8 @@
 
 Enumerated columns are plain strings with named CHECK constraints, so the schema reads the same
 in SQLite, PostgreSQL and the Alembic migration. Times are stored as UTC and come back aware.
-Annotation versions are append-only: nothing in this package updates or deletes one.
+Annotation versions are append-only: their masks are never updated and no version is deleted;
+the one change is ``annotations.submit_draft`` turning the head draft's status to submitted.
 """
 
 from __future__ import annotations

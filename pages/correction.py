@@ -2,10 +2,13 @@
 
 The canvas shows the X-ray with the mask being edited composited underneath; strokes in the add
 colour add, strokes in the erase colour remove (services.masks). What is being edited lives in
-the session state per (study, mask kind): the version it is drawn on (``parent``, what the
-repository checks for concurrent saves), the mask it starts from (``base``: the model's mask or
-a saved version) and a nonce that gives the canvas a fresh key (an empty drawing) after a save,
-a reset or loading another version.
+the session state per (study, mask kind), so it survives leaving the page: the version it is
+drawn on (``parent``, what the repository checks for concurrent saves), the mask it started from
+(``base``: the model's mask or a saved version) and the edit history (services.editing).
+
+Every shape the canvas sends is committed into that history at once and the canvas gets a fresh
+key (an empty drawing layer over the new mask), so undo, redo and clear are this page's own
+buttons and what the canvas shows is always the mask that is previewed, scored and saved.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from streamlit_drawable_canvas import st_canvas
 from inference.overlay import INFECTION_COLOR, LUNG_COLOR
 from pages import common
 from services import display, identity, masks, studies
+from services.editing import MaskEdits
 from services.text import md_escape
 
 WORK = "correction.work"
 FLASH = "correction.flash"
+KEPT_KIND = "correction.kept_kind"  # the mask choice, kept while other pages are open
 TOOLS = {
     "Brush: add": ("freedraw", masks.ADD_COLOR),
     "Brush: erase": ("freedraw", masks.ERASE_COLOR),
@@ -36,8 +41,10 @@ MODEL = "model"
 @dataclass
 class Work:
     parent: int | None  # the head this edit is drawn on (None: no human version yet)
-    base: int | str  # MODEL or a version id: the mask the strokes apply to
-    nonce: int = 0
+    base: int | str  # MODEL or a version id: the mask the edit started from
+    nonce: int = 0  # bumped by every action that outdates the last message
+    canvas: int = 0  # bumped to give the canvas an empty drawing layer
+    edits: MaskEdits | None = None  # None until the base mask has been read
 
 
 def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
@@ -49,7 +56,15 @@ def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work
 
 
 def restart(work: Work, parent: int | None, base: int | str) -> None:
-    work.parent, work.base, work.nonce = parent, base, work.nonce + 1
+    """Start a new edit from ``base`` (its history is dropped)."""
+    work.parent, work.base, work.nonce, work.edits = parent, base, work.nonce + 1, None
+    work.canvas += 1
+
+
+def edits_for(work: Work, model_mask: np.ndarray) -> MaskEdits:
+    if work.edits is None:
+        work.edits = MaskEdits.starting_from(base_mask(work, model_mask))
+    return work.edits
 
 
 def flash(work: Work, kind: str, text: str, conflict: int | None = None) -> None:
@@ -74,6 +89,8 @@ def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> N
         return
     if note["kind"] == "success":
         st.success(note["text"], icon=":material/check_circle:")
+    elif note["kind"] == "info":
+        st.info(note["text"], icon=":material/info:")
     else:
         st.error(note["text"], icon=":material/block:")
     conflict = note.get("conflict")
@@ -123,12 +140,16 @@ def save(
     comment: str,
     prediction_id: int,
 ) -> None:
-    """Save a version (or, for an unchanged head, record the review) and remember the outcome."""
-    if status in ("approved", "returned") and not changed and head is not None:
-        action = "approve" if status == "approved" else "return"
-        outcome = studies.review_head(
-            common.db, info.image_id, kind, user.user_id, action, work.parent, comment
+    """Save a version (or, for an unchanged head, record the review or the submission) and
+    remember the outcome. The edit history is kept: undo still works after a save."""
+    if not changed and head is not None and status != "draft":
+        outcome = studies.change_status(
+            common.db, info.image_id, kind, user.user_id, status, work.parent, comment
         )
+    elif not changed and head is not None:
+        work.nonce += 1
+        flash(work, "info", f"Nothing to save: the mask is version {head.id} as it is.")
+        return
     else:
         if status == "returned" and not (comment or "").strip():
             flash(work, "error", "Say what needs changing: a comment is required to send back.")
@@ -137,8 +158,9 @@ def save(
             common.db, info.image_id, kind, edited, user.user_id, status, work.parent,
             comment, prediction_id,
         )  # fmt: skip
+    work.nonce += 1
     if outcome.ok:
-        restart(work, outcome.version_id, outcome.version_id)
+        work.parent = outcome.version_id
         flash(work, "success", outcome.message)
     else:
         flash(work, "error", outcome.message, conflict=outcome.version_id)
@@ -228,10 +250,13 @@ def main() -> None:
         return
     xray = common.xray_for(info.sha256, info.image_id)
 
+    if "correction.kind" not in st.session_state and KEPT_KIND in st.session_state:
+        st.session_state["correction.kind"] = st.session_state[KEPT_KIND]
     kind = st.radio(
         "Mask", studies.MASK_KINDS, format_func=studies.KIND_LABELS.get, horizontal=True,
         key="correction.kind",
     )  # fmt: skip
+    st.session_state[KEPT_KIND] = kind
     color = LUNG_COLOR if kind == "lung" else INFECTION_COLOR
     model_mask = pred.lung_mask if kind == "lung" else pred.infection_mask
     head = studies.head_version(common.db, info.image_id, kind)
@@ -245,29 +270,29 @@ def main() -> None:
                 icon=":material/sync_problem:",
             )
 
-    t1, t2, t3, t4 = st.columns([4, 2, 2, 2], vertical_alignment="bottom")
+    t1, t2, t3 = st.columns([4, 2, 2], vertical_alignment="bottom")
     with t1:
         tool = st.radio("Tool", list(TOOLS), horizontal=True, key="correction.tool")
     with t2:
         brush = st.slider("Brush size", 2, 80, 24, key="correction.brush")
     with t3:
         opacity = st.slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="correction.opacity")
-    with t4:
-        if st.button("Reset to the model's mask", disabled=not can_edit, key="correction.reset"):
-            restart(work, head.id if head else None, MODEL)
-            st.session_state.pop(FLASH, None)
-            st.rerun()
     mode, stroke = TOOLS[tool]
+    b_undo, b_redo, b_clear, b_reset, _ = st.columns([1, 1, 1, 2, 3])
 
-    start = base_mask(work, model_mask)
-    ch, cw = masks.canvas_size(*start.shape)
-    background = Image.fromarray(display.mask_on_xray(xray.pixels, start, color, opacity, (ch, cw)))
+    edits = edits_for(work, model_mask)
+    current = edits.current()
+    ch, cw = masks.canvas_size(*current.shape)
+    background = Image.fromarray(
+        display.mask_on_xray(xray.pixels, current, color, opacity, (ch, cw))
+    )
     left, right = st.columns([3, 2])
     with left:
         st.caption(
             f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {base_label(work)}. "
             "Green strokes add, magenta strokes erase; a polygon closes when you click its "
-            "first point. Undo, redo and clear are in the canvas toolbar (hover its top edge)."
+            "first point. Each finished shape becomes part of the mask at once: use Undo, "
+            "Redo and Clear above the canvas."
         )
         result = st_canvas(
             fill_color=masks.canvas_color(stroke),
@@ -279,11 +304,37 @@ def main() -> None:
             drawing_mode=mode,
             return_image_data=True,
             disabled=not can_edit,
-            key=f"correction.canvas.{info.image_id}.{kind}.{work.nonce}",
+            key=f"correction.canvas.{info.image_id}.{kind}.{work.canvas}",
         )
+    # The shape just drawn joins the history before any button of this run acts on it.
     strokes = result.image_data if can_edit else None
-    edited = masks.composite_strokes(start, strokes)
-    changed = masks.has_strokes(strokes) or work.base != (head.id if head else MODEL)
+    acted = masks.has_strokes(strokes) and edits.apply(masks.composite_strokes(current, strokes))
+    if b_undo.button("Undo", disabled=not (can_edit and edits.can_undo()),
+                     key="correction.undo", icon=":material/undo:"):  # fmt: skip
+        acted = edits.undo() or acted
+    if b_redo.button("Redo", disabled=not (can_edit and edits.can_redo()),
+                     key="correction.redo", icon=":material/redo:"):  # fmt: skip
+        acted = edits.redo() or acted
+    if b_clear.button("Clear", disabled=not can_edit, key="correction.clear",
+                      help=f"Back to {base_label(work)} (undoable)"):  # fmt: skip
+        acted = edits.clear() or acted
+    if b_reset.button("Reset to the model's mask", disabled=not can_edit,
+                      key="correction.reset", help="Undoable"):  # fmt: skip
+        acted = edits.apply(model_mask) or acted
+    if acted or masks.has_strokes(strokes):
+        work.canvas += 1  # a fresh, empty drawing layer over the new mask
+        work.nonce += 1
+        st.rerun()
+
+    edited = current
+    saved_mask = common.version_mask(head.id) if head is not None else model_mask
+    changed = not np.array_equal(edited, saved_mask)
+    if changed and edits.steps:
+        notices.info(
+            "Unsaved changes: they stay with this study while you work elsewhere in the app "
+            "(this browser session) until you save them.",
+            icon=":material/edit_note:",
+        )
 
     lung = edited if kind == "lung" else other_mask(info.image_id, "lung", pred)
     infection = edited if kind == "infection" else other_mask(info.image_id, "infection", pred)
@@ -295,7 +346,7 @@ def main() -> None:
         )
         m1, m2 = st.columns(2)
         m1.metric("Dice vs model", f"{masks.dice(edited, model_mask):.3f}")
-        m2.metric("Changed pixels", f"{masks.changed_pixels(edited, start):,}")
+        m2.metric("Changed pixels", f"{masks.changed_pixels(edited, edits.start()):,}")
         m3, m4, m5 = st.columns(3)
         m3.metric("Infection", f"{summary.percent:.1f} %")
         m4.metric("Right lung", f"{summary.percent_right:.1f} %")
@@ -325,7 +376,7 @@ def main() -> None:
     if not identity.can_review(user):
         st.caption("Approve and Send back are for radiologists.")
     with st.container():  # always present: the layout above it never shifts
-        show_flash(work, head, masks.has_strokes(strokes))
+        show_flash(work, head, False)
 
     st.divider()
     history(info, kind, work, head, model_mask, color, xray.pixels, can_edit)

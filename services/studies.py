@@ -354,6 +354,53 @@ def review_head(
     return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")
 
 
+def change_status(
+    scope: SessionFactory,
+    image_id: int,
+    kind: str,
+    user_id: int,
+    status: str,
+    base_version_id: int,
+    comment: str | None = None,
+) -> SaveOutcome:
+    """An unchanged head moves on: approved or sent back (a review version), or submitted (a
+    draft changes its status; no duplicate version)."""
+    if status in ("approved", "returned"):
+        action = "approve" if status == "approved" else "return"
+        return review_head(scope, image_id, kind, user_id, action, base_version_id, comment)
+    if status != "submitted":
+        raise ValueError(f"unknown status change {status!r}")
+    with scope(write=False) as session:
+        head = annotations.head_version(session, image_id, kind)
+        head_status = None if head is None else head.status
+    if head_status in ("submitted", "approved"):
+        return SaveOutcome(
+            False, None, f"Nothing to submit: version {base_version_id} is already {head_status}."
+        )
+    if head_status != "draft":  # e.g. sent back and resubmitted as it is: a new round
+        with scope(write=False) as session:
+            head = annotations.get_version(session, base_version_id)
+            mask = None if head is None else annotations.version_mask(head)
+        if mask is None:
+            return SaveOutcome(False, None, f"Version {base_version_id} no longer exists.")
+        return save_mask(
+            scope, image_id, kind, mask, user_id, "submitted", base_version_id, comment
+        )
+    try:
+        with scope() as session:
+            version = annotations.submit_draft(
+                session, image_id, kind, _user(session, user_id), base_version_id
+            )
+            done = int(version.id)
+    except annotations.StaleVersionError as exc:
+        return SaveOutcome(False, None, str(exc))
+    except (ValueError, LookupError) as exc:
+        return SaveOutcome(False, None, str(exc))
+    return SaveOutcome(
+        True, done, f"Submitted for review: {KIND_LABELS[kind].lower()} version {done}."
+    )
+
+
 def thumbnail(scope: SessionFactory, image_id: int) -> str:
     """A small PNG data URI of the study for the worklist."""
     from services.display import thumbnail_uri

@@ -279,3 +279,109 @@ def test_concurrent_saves_refuse_the_stale_one_and_keep_it(new_page, shot, app_s
     shot(bob, "bob-merging")
     go_to(bob, "Worklist")
     expect(bob.get_by_role("heading", name="Worklist")).to_be_visible()
+
+
+# The drawing layer of the canvas (background not included) has no painted pixel: every shape
+# has been committed into the mask the app shows under it, none is left only on the canvas.
+DRAWING_LAYER_IS_EMPTY = """(el) => {
+    const data = el.getContext('2d').getImageData(0, 0, el.width, el.height).data;
+    for (let i = 3; i < data.length; i += 4) if (data[i] > 0) return false;
+    return true;
+}"""
+
+
+def expect_drawing_layer_empty(page: Page) -> None:
+    canvas = page.locator("canvas.dc-canvas").first
+    expect(canvas).to_be_visible()
+    page.wait_for_function(
+        "(el) => (" + DRAWING_LAYER_IS_EMPTY + ")(el)", arg=canvas.element_handle()
+    )
+
+
+def app_button(page: Page, key: str) -> Locator:
+    """A Streamlit button by its key (the canvas toolbar has icon buttons of the same names)."""
+    wait_idle(page)  # not a stale copy of the button from the run before
+    return page.locator(f".st-key-{key.replace('.', '-')} button:visible")
+
+
+def save_draft(page: Page) -> int:
+    """Click Save draft and return the new version's id from the confirmation."""
+    wait_idle(page)
+    page.get_by_role("button", name="Save draft").click()
+    message = page.get_by_text(re.compile(r"Draft saved: \w+ mask version \d+"))
+    expect(message).to_be_visible()
+    return int(re.search(r"version (\d+)", message.inner_text()).group(1))
+
+
+def test_undo_redo_clear_are_what_is_saved_pixel_by_pixel(new_page, shot, app_server) -> None:
+    """Issue 16.1: brush, polygon, undo, redo, clear on the infection mask; after each the
+    stored mask is exactly the one the page had shown for that state."""
+    study = image_id(app_server, "Non-COVID/non_covid_11905.png")
+    page = open_correction(new_page, study)
+    sign_in(page, "Una Undo", "annotator")
+    page.get_by_text("Infection mask", exact=True).click()
+    expect(page.get_by_text("Editing the infection mask")).to_be_visible()
+    wait_idle(page)
+
+    draw_stroke(page, (0.2, 0.3), (0.45, 0.35))
+    expect_drawing_layer_empty(page)
+    after_stroke = metric_value(page, "Changed pixels").inner_text()
+    a = save_draft(page)
+
+    page.get_by_text("Polygon: add").click()
+    wait_idle(page)
+    draw_polygon(page, [(0.55, 0.55), (0.8, 0.55), (0.8, 0.8), (0.55, 0.8)])
+    expect(metric_value(page, "Changed pixels")).not_to_have_text(after_stroke)
+    expect_drawing_layer_empty(page)
+    after_polygon = metric_value(page, "Changed pixels").inner_text()
+    shot(page, "polygon")
+    b = save_draft(page)
+
+    app_button(page, "correction.undo").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text(after_stroke)
+    expect_drawing_layer_empty(page)
+    shot(page, "undone")
+    c = save_draft(page)
+
+    app_button(page, "correction.redo").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text(after_polygon)
+    d = save_draft(page)
+
+    app_button(page, "correction.clear").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text("0")
+    e = save_draft(page)
+    shot(page, "cleared")
+
+    saved = {v.id: mask for v, mask in versions(app_server, study, "infection")}
+    assert sorted(saved) == [a, b, c, d, e]
+    model = model_mask(app_server, study, "infection")
+    assert (saved[a] ^ model).sum() > 100  # the stroke
+    assert (saved[b] ^ saved[a]).sum() > 100  # the polygon
+    np.testing.assert_array_equal(saved[c], saved[a])  # undo took the whole polygon away
+    np.testing.assert_array_equal(saved[d], saved[b])  # redo brought it back
+    np.testing.assert_array_equal(saved[e], model)  # clear: back to the model's mask
+
+
+def test_unsaved_strokes_and_mask_choice_survive_leaving_the_page(
+    new_page, shot, app_server
+) -> None:
+    """Issue 16.5: strokes not yet saved are the session's unsaved edit, not lost."""
+    study = image_id(app_server, "Non-COVID/non_covid_11906.png")
+    page = open_correction(new_page, study)
+    sign_in(page, "Lea Leaver", "annotator")
+    page.get_by_text("Infection mask", exact=True).click()
+    expect(page.get_by_text("Editing the infection mask")).to_be_visible()
+    wait_idle(page)
+    draw_stroke(page, (0.3, 0.3), (0.6, 0.5))
+    changed = metric_value(page, "Changed pixels").inner_text()
+
+    go_to(page, "Worklist")
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    go_to(page, "Correction")
+    expect(page.get_by_text("Editing the infection mask")).to_be_visible()
+    expect(metric_value(page, "Changed pixels")).to_have_text(changed)
+    expect(page.get_by_text("Unsaved changes")).to_be_visible()
+    shot(page, "back-with-unsaved")
+    saved = save_draft(page)
+    stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
+    assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100
