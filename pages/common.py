@@ -22,7 +22,7 @@ import settings
 from inference.loading import XRay
 from inference.model import CheckpointError, LoadedModel, load_checkpoint
 from services import bootstrap as boot
-from services import identity, studies
+from services import identity, readings, studies
 from services.storage import Store, open_store
 
 log = logging.getLogger("infmap.app")
@@ -90,24 +90,63 @@ def xray_for(sha256: str, image_id: int) -> XRay:
     return studies.load_xray_payload(db, image_id)
 
 
+class _NoPrediction(Exception):
+    """Raised out of the cached function so that "no prediction" is never cached."""
+
+
 @st.cache_data(show_spinner=False, max_entries=64)
 def _prediction_for(
     database_url: str, sha256: str, model_version: str, image_id: int, _model: studies.ModelInfo
-) -> studies.PredictionView | None:
+) -> studies.PredictionView:
     info = _model
     loaded = None
     with suppress(CheckpointError):
         loaded = load_model(info.checkpoint_path)
     with st.spinner("Running the model on this study..."):
-        return studies.prediction_for(db, image_id, info, loaded)
+        view = studies.prediction_for(db, image_id, info, loaded)
+    if view is None:  # the checkpoint could not be loaded: try again next time
+        raise _NoPrediction
+    return view
 
 
 def prediction_for(
     sha256: str, model_version: str, image_id: int, model: studies.ModelInfo
 ) -> studies.PredictionView | None:
     """The model's stored output for a study (computed and stored first if missing), cached per
-    (image sha256, model version) and database."""
-    return _prediction_for(settings.database_url(), sha256, model_version, image_id, model)
+    (image sha256, model version) and database; None, not cached, while there is none."""
+    try:
+        return _prediction_for(settings.database_url(), sha256, model_version, image_id, model)
+    except _NoPrediction:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def _summary_read(
+    database_url: str, sha256: str, model_version: str | None, versions: tuple[int, ...],
+    _reading: readings.Reading, _prediction: studies.PredictionView | None,
+) -> studies.InfectionSummary | None:
+    if _prediction is None and len(_reading) < len(settings.MASK_KINDS):
+        return None
+    if _prediction is None:
+        masks = {kind: version_mask(v.id) for kind, v in _reading.items()}
+    else:
+        masks = readings.masks_read(_reading, _prediction, version_mask)
+    return readings.summary_read(masks)
+
+
+def summary_read(
+    sha256: str,
+    image_id: int,
+    reading: readings.Reading,
+    model: studies.ModelInfo | None,
+) -> studies.InfectionSummary | None:
+    """Infection % and severity of the masks readers see (human versions, else the model's),
+    cached per study, model version and the versions read."""
+    pred = prediction_for(sha256, model.version, image_id, model) if model is not None else None
+    versions = tuple(sorted(v.id for v in reading.values()))
+    return _summary_read(
+        settings.database_url(), sha256, model.version if model else None, versions, reading, pred
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -189,10 +228,6 @@ def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
 def model_notice(message: str | None) -> None:
     if message:
         st.warning(message, icon=":material/warning:")
-
-
-def disclaimer() -> None:
-    st.caption(f":material/info: {DISCLAIMER}")
 
 
 def fmt_time(value: Any) -> str:

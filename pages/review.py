@@ -1,4 +1,9 @@
-"""Review: the X-ray and the model's lung mask, infection mask and Grad-CAM side by side."""
+"""Review: the X-ray, the lung and infection masks and Grad-CAM side by side.
+
+The masks and figures shown are what readers should see: the current human version of each
+mask (approved, else submitted; services.readings) with its author, else the model's; the
+model's own output is one click away ("Masks shown").
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import streamlit as st
 
 from inference.windowing import apply_window
 from pages import common
-from services import display, studies
+from services import display, readings, studies
 
 PLOTLY_CONFIG = {
     "scrollZoom": True,
@@ -63,7 +68,33 @@ def window_controls(xray: object, sha256: str) -> tuple[float, float] | None:
     return float(centre), float(width)
 
 
-def facts(info: studies.StudyInfo, pred: studies.PredictionView, model_version: str) -> None:
+CURRENT, MODEL_OUTPUT = "Current reading", "Model output"
+
+
+def reading_notes(reading: readings.Reading, showing_model: bool) -> None:
+    if not reading:
+        st.caption("No approved or submitted human masks yet: the masks are the model's.")
+        return
+    if showing_model:
+        st.caption("Showing the model's output. The current reading has human masks.")
+        return
+    for kind in studies.MASK_KINDS:
+        label = studies.KIND_LABELS[kind]
+        if kind in reading:
+            approved = reading[kind].status == "approved"
+            icon = ":material/verified:" if approved else ":material/pending:"
+            st.markdown(f"{icon} **{label}**: {reading[kind].describe()}")
+        else:
+            st.markdown(f":material/smart_toy: **{label}**: the model's")
+
+
+def facts(
+    info: studies.StudyInfo,
+    pred: studies.PredictionView,
+    model_version: str,
+    summary: studies.InfectionSummary,
+    source: str,
+) -> None:
     left, mid, right = st.columns([4, 4, 3])
     with left:
         st.subheader("Class probabilities")
@@ -78,11 +109,12 @@ def facts(info: studies.StudyInfo, pred: studies.PredictionView, model_version: 
         )
     with mid:
         st.subheader("Infection")
+        st.caption(f"From {source}.")
         m1, m2, m3 = st.columns(3)
-        m1.metric("Both lungs", f"{pred.infection_percent:.1f} %")
-        m2.metric("Patient's right", f"{pred.infection_percent_right:.1f} %")
-        m3.metric("Patient's left", f"{pred.infection_percent_left:.1f} %")
-        st.metric("Severity", f"{pred.severity} · {pred.severity_score}/8")
+        m1.metric("Both lungs", f"{summary.percent:.1f} %")
+        m2.metric("Patient's right", f"{summary.percent_right:.1f} %")
+        m3.metric("Patient's left", f"{summary.percent_left:.1f} %")
+        st.metric("Severity", f"{summary.severity} · {summary.severity_score}/8")
         st.caption(
             f"Scale: {studies.SCALE_NAME}. Per lung 0-4 by infected share (<1 % noise floor, "
             "<25, 25-50, 50-75, >75 %), summed 0-8; bands: none 0, mild 1-2, moderate 3-5, "
@@ -122,6 +154,22 @@ def main() -> None:
         else None
     )
 
+    reading = readings.reading_for(common.db, info.image_id)
+    showing_model = (
+        st.segmented_control(
+            "Masks shown",
+            [CURRENT, MODEL_OUTPUT],
+            default=CURRENT,
+            key="review.source",
+            help="The current reading uses the approved (else submitted) human masks.",
+        )  # fmt: skip
+        == MODEL_OUTPUT
+        if reading and pred is not None
+        else False
+    )
+    shown: readings.Reading = {} if showing_model else reading
+    reading_notes(reading, showing_model)
+
     controls = st.columns([3, 3, 3, 2], vertical_alignment="bottom")
     with controls[0]:
         opacity = st.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key="review.opacity")
@@ -154,7 +202,13 @@ def main() -> None:
         lung, infection, cam = empty, empty, np.zeros(grid.shape, np.float32)
         titles[1:] = [f"{t} (no prediction)" for t in titles[1:]]
     else:
-        lung, infection = pred.lung_mask, pred.infection_mask
+        masks = readings.masks_read(shown, pred, common.version_mask)
+        lung, infection = masks["lung"], masks["infection"]
+        for i, kind in ((1, "lung"), (2, "infection")):
+            if kind in shown:
+                titles[i] = f"{titles[i]} ({shown[kind].status}, {shown[kind].author})"
+            elif reading and not showing_model:
+                titles[i] = f"{titles[i]} (model)"
         if loaded is not None and cam_class:
             cam = common.gradcam_for(
                 info.sha256, model.version, cam_class, info.image_id, model.checkpoint_path
@@ -172,7 +226,15 @@ def main() -> None:
     if pred is None:
         st.warning("No prediction for this study yet (no usable model).")
         return
-    facts(info, pred, model.version)
+    summary = studies.infection_summary(lung, infection)
+    source = (
+        "the model's masks"
+        if not shown
+        else "the human masks read"
+        if len(shown) == len(studies.MASK_KINDS)
+        else "the human and model masks read"
+    )
+    facts(info, pred, model.version, summary, source)
 
 
 main()

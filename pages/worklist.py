@@ -7,12 +7,11 @@ import streamlit as st
 
 from inference.model import CLASS_NAMES
 from pages import common
-from services import ingest, studies
+from services import ingest, readings, studies
 from services.text import md_escape
 
 UPLOAD_NONCE = "worklist.upload_nonce"
 UPLOAD_RESULTS = "worklist.upload_results"
-PICK = "worklist.pick"
 LAST_SELECTION = "worklist.last_selection"
 
 
@@ -72,14 +71,27 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
         st.rerun()
 
 
-def worklist_table(rows: list) -> int | None:
+def figures_read(rows: list, model: studies.ModelInfo | None) -> dict:
+    """Per study with a current human version: the figures from what readers see."""
+    current = readings.current_versions(common.db)
+    read = {}
+    for row in rows:
+        reading = current.get(row.image_id)
+        if reading:
+            summary = common.summary_read(row.sha256, row.image_id, reading, model)
+            if summary is not None:
+                read[row.image_id] = (summary, readings.source_label(reading))
+    return read
+
+
+def worklist_table(rows: list, model: studies.ModelInfo | None) -> int | None:
     """The table; returns the study picked by a row click (None when nothing new)."""
-    records = studies.worklist_records(rows)
+    records = studies.worklist_records(rows, figures_read(rows, model))
     for rec, row in zip(records, rows, strict=True):
         rec["thumbnail"] = common.thumbnail(row.sha256, row.image_id)
     frame = pd.DataFrame.from_records(records)
     columns = [
-        "thumbnail", "study", "class", "confidence", "infection %", "severity", "status",
+        "thumbnail", "study", "class", "confidence", "infection %", "severity", "masks", "status",
         "last touched by", "last touched (UTC)", "uncertainty", "added (UTC)",
     ]  # fmt: skip
     event = st.dataframe(
@@ -100,6 +112,11 @@ def worklist_table(rows: list) -> int | None:
             "infection %": st.column_config.NumberColumn("Infection %", format="%.1f %%"),
             "severity": st.column_config.TextColumn(
                 "Severity", help="CXR extent score 0-8 (modified RALE, Wong et al. 2020)"
+            ),
+            "masks": st.column_config.TextColumn(
+                "Masks read",
+                help="Whose masks the infection % and severity come from: the current human "
+                "version (approved, else submitted) or the model's.",
             ),
             "uncertainty": st.column_config.NumberColumn(
                 "Uncertainty", format="%.3f", help="Mean binary entropy (bits) inside the lungs"
@@ -129,7 +146,11 @@ def main() -> None:
     f1, f2, f3, f4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
     with f1:
         statuses = st.multiselect(
-            "Status", studies.WORKLIST_STATUSES, key="worklist.status", placeholder="All"
+            "Status",
+            studies.WORKLIST_STATUSES,
+            format_func=lambda s: studies.STATUS_LABELS.get(s, s),
+            key="worklist.status",
+            placeholder="All",
         )
     with f2:
         classes = st.multiselect(
@@ -138,36 +159,43 @@ def main() -> None:
     with f3:
         sort_label = st.selectbox("Sort", list(studies.SORTS), key="worklist.sort")
     with f4:
-        if st.button("Next study to review", type="primary", icon=":material/skip_next:"):
+        user = common.user()
+        role = user.role if user is not None else None
+        queue = "the review queue" if role == "radiologist" else "new studies"
+        if st.button("Next study to review", type="primary", icon=":material/skip_next:",
+                     help=f"Signed in as {role or 'nobody'}: {queue} first"):  # fmt: skip
             visited = st.session_state.get(common.VISITED_KEY, [])
-            nxt = studies.next_to_review(common.db, exclude=visited)
+            nxt = studies.next_to_review(common.db, exclude=visited, role=role)
             if nxt is None:
-                st.toast("Nothing left to review: no new or submitted studies.")
+                st.toast("Nothing left to review: no new, submitted or sent-back studies.")
             else:
                 open_study(nxt)
 
     rows = studies.worklist(common.db, statuses, classes, studies.SORTS[sort_label])
     total = len(studies.worklist(common.db)) if (statuses or classes) else len(rows)
-    st.caption(f"{len(rows)} of {total} studies")
+    st.caption(f"{len(rows)} of {total} {'study' if total == 1 else 'studies'}")
     if not rows:
         st.info("No studies match these filters." if total else "No studies yet: upload one.")
         return
 
-    picked = worklist_table(rows)
-    if picked is not None:
-        st.session_state[PICK] = picked
-
+    picked = worklist_table(rows, model)
     ids = [r.image_id for r in rows]
     names = {r.image_id: r.display_name for r in rows}
-    if st.session_state.get(PICK) not in names:
-        st.session_state.pop(PICK, None)
+    # One chosen study, shown by the picker and opened by the buttons. The picker's key
+    # follows its options: filtered to other studies, it is a fresh widget on a valid study,
+    # never one that still shows a study the filter removed.
+    current = common.selected_study_id()
+    chosen = picked if picked is not None else current if current in names else ids[0]
+    picker_key = f"worklist.picker.{hash(tuple(ids))}"
+    if picked is not None or picker_key not in st.session_state:
+        st.session_state[picker_key] = chosen
     c1, c2, c3 = st.columns([4, 1, 1], vertical_alignment="bottom")
     with c1:
         chosen = st.selectbox(
             "Open a study (or click a row)",
             ids,
             format_func=lambda i: f"#{i} · {names[i]}",
-            key=PICK,
+            key=picker_key,
         )
     with c2:
         if st.button("Review", icon=":material/visibility:", key="worklist.review"):

@@ -6,7 +6,7 @@ arrays), never an ORM object, so Streamlit can cache it and nothing depends on a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -436,23 +436,35 @@ def worklist(
     return rows
 
 
-def worklist_records(rows: Sequence[worklist_queries.WorklistRow]) -> list[dict[str, Any]]:
-    """Table rows for the worklist (without thumbnails, which the page caches)."""
+def worklist_records(
+    rows: Sequence[worklist_queries.WorklistRow],
+    read: Mapping[int, tuple[InfectionSummary, str]] | None = None,
+) -> list[dict[str, Any]]:
+    """Table rows for the worklist (without thumbnails, which the page caches). ``read``: per
+    study with a current human version, the figures from the masks readers see and whose
+    they are (services.readings); the others show the model's."""
+    read = read or {}
     records = []
     for r in rows:
         severity_text = (
             f"{r.severity} ({r.severity_score}/8)" if r.severity is not None else "not predicted"
         )
+        percent, source = r.infection_percent, "model" if r.prediction_id else ""
+        if r.image_id in read:
+            summary, source = read[r.image_id]
+            percent = summary.percent
+            severity_text = f"{summary.severity} ({summary.severity_score}/8)"
         records.append(
             {
                 "id": r.image_id,
                 "study": f"#{r.image_id} · {r.display_name}",
                 "class": r.predicted_class or "—",
                 "confidence": r.confidence,
-                "infection %": r.infection_percent,
+                "infection %": percent,
                 "severity": severity_text,
+                "masks": source,
                 "uncertainty": r.uncertainty,
-                "status": r.status,
+                "status": STATUS_LABELS.get(r.status, r.status),
                 "last touched by": r.last_author or "",
                 "last touched (UTC)": r.last_touched.strftime("%Y-%m-%d %H:%M")
                 if r.last_touched
@@ -463,15 +475,24 @@ def worklist_records(rows: Sequence[worklist_queries.WorklistRow]) -> list[dict[
     return records
 
 
-def next_to_review(scope: SessionFactory, exclude: Sequence[int] = ()) -> int | None:
-    """The next study to look at: a new one the model is least sure of, else the oldest
-    submitted one waiting for a radiologist."""
+# Per role, the queues "Next study" walks in order: (status, order). Radiologists get the
+# submitted work waiting for their approval first; annotators new studies, most uncertain first.
+NEXT_STUDY_QUEUES: dict[str | None, tuple[tuple[str, str], ...]] = {
+    "radiologist": (("submitted", "oldest"), ("new", "uncertainty"), ("returned", "oldest")),
+    None: (("new", "uncertainty"), ("returned", "oldest"), ("submitted", "oldest")),
+}
+
+
+def next_to_review(
+    scope: SessionFactory, exclude: Sequence[int] = (), role: str | None = None
+) -> int | None:
+    """The next study for ``role`` to look at (NEXT_STUDY_QUEUES), skipping ``exclude``."""
+    queues = NEXT_STUDY_QUEUES.get(role, NEXT_STUDY_QUEUES[None])
     with scope(write=False) as session:
-        row = worklist_queries.next_to_review(
-            session, by="uncertainty", status="new", exclude=exclude
-        )
-        if row is None:
+        for status, order in queues:
             row = worklist_queries.next_to_review(
-                session, by="oldest", status="submitted", exclude=exclude
+                session, by=order, status=status, exclude=exclude
             )
-        return None if row is None else row.image_id
+            if row is not None:
+                return row.image_id
+    return None
