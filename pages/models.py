@@ -1,17 +1,11 @@
 """Models: versions with metrics and lineage, fine-tuning on the corrections, activation.
 
-Thin page: the work is ``training.finetune`` (run as a detached background process that reports
-into ``finetune_runs``), ``database.model_versions`` and ``database.runs`` (versions, runs,
-activation) and ``services.ingest.ensure_prediction`` (re-predicting studies with the active
-version).
+Thin page: everything that reads or changes versions and runs, re-predicts or starts and stops
+processes is ``services.model_admin``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,92 +14,19 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import settings
-from database import annotations, model_versions, runs
-from database.session import data_dir_for
 from pages import common
-from services import ingest, studies
-from training import finetune as ft
+from services import model_admin as admin
+from training.finetune import DEFAULT_DATA, FinetuneOptions
 
-MANAGERS = ("radiologist", "researcher")  # who may start fine-tuning and change the model
 SELECTED = "models.version"
 SEEN_RUN = "models.seen_run"
-
-
-@st.cache_resource(show_spinner=False)
-def _children() -> dict[int, Any]:
-    """Popen objects of runs started by this server, polled so finished ones are reaped."""
-    return {}
-
-
-def reap() -> None:
-    children = _children()
-    for run_id, proc in list(children.items()):
-        if proc.poll() is not None:
-            children.pop(run_id, None)
+CONFIRM = "models.confirm_rejected"  # the version id whose gate rejection awaits confirmation
+STOP = "models.confirm_stop"
 
 
 def can_manage() -> bool:
     u = common.user()
-    return u is not None and u.role in MANAGERS
-
-
-def dice(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) else None
-
-
-# ----------------------------------------------------------------------------- reading
-def version_records() -> list[dict[str, Any]]:
-    with common.db(write=False) as s:
-        rows = model_versions.list_model_versions(s)
-        names = {r.id: r.version for r in rows}
-        out = []
-        for r in reversed(rows):  # oldest first
-            m, lin = dict(r.metrics or {}), dict(r.lineage or {})
-            val, corr = m.get("val") or {}, m.get("corrections") or {}
-            base_corr = (m.get("base") or {}).get("corrections") or {}
-            out.append({
-                "id": r.id, "version": r.version, "active": bool(r.active),
-                "parent": names.get(r.parent_id, ""), "parent_id": r.parent_id,
-                "created": r.created, "train_minutes": r.train_minutes,
-                "val_lung": dice(val.get("lung_dice")),
-                "val_infection": dice(val.get("infection_dice_covid")),
-                "val_n": val.get("n_images"),
-                "held_score": dice(corr.get("score")),
-                "held_score_base": dice(base_corr.get("score")),
-                "held_n": corr.get("n_images"),
-                "annotations": len(lin.get("annotation_version_ids") or []),
-                "data_hash": (lin.get("data_hash") or "")[:12],
-                "decision": ((m.get("decision") or {}).get("reason") or lin.get("source") or ""),
-                "checkpoint": r.checkpoint_path, "lineage": lin, "metrics": m,
-            })
-        return out
-
-
-def corrections_available() -> tuple[int, int]:
-    """(studies, annotation versions) that a fine-tuning run would use now."""
-    with common.db(write=False) as s:
-        versions = annotations.training_annotations(s)
-        return len({v.image_id for v in versions}), len(versions)
-
-
-def run_records(limit: int = 10) -> list[dict[str, Any]]:
-    with common.db(write=False) as s:
-        return [{
-            "id": r.id, "status": r.status, "progress": float(r.progress or 0.0),
-            "message": r.message or "", "pid": r.pid, "created": r.created,
-            "started": r.started, "finished": r.finished,
-            "model_version": r.model_version.version if r.model_version else "",
-        } for r in runs.list_runs(s, limit=limit)]
-
-
-def is_stale(run: dict[str, Any]) -> bool:
-    """A run the database calls running whose process is gone (killed, machine restarted)."""
-    if run["status"] == "running":
-        return not ft.process_alive(run["pid"])
-    if run["status"] == "queued":  # never picked up within a minute
-        age = (datetime.now(UTC) - run["created"]).total_seconds()
-        return age > 60 and not ft.process_alive(run["pid"])
-    return False
+    return admin.can_manage(u.role if u is not None else None)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -147,9 +68,11 @@ def versions_section(records: list[dict[str, Any]]) -> None:
         fig.add_trace(go.Scatter(x=[active[0]["version"]], y=[active[0]["val_lung"]],
                                  mode="markers", name="active", marker={"size": 16,
                                  "symbol": "star", "color": "gold"}))
-    fig.update_layout(height=340, margin={"t": 30, "b": 10}, yaxis={"title": "Dice",
+    fig.update_layout(height=360, margin={"t": 60, "b": 10}, yaxis={"title": "Dice",
                       "range": [0, 1]}, xaxis={"title": "version (oldest to newest)",
-                      "type": "category"}, legend={"orientation": "h"})
+                      "type": "category"},
+                      # above the plot: under it the legend covered the axis title
+                      legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 0})
     st.plotly_chart(fig, width="stretch")
     st.caption("Val: the shipped model's numbers are on all of COVID-QU-Ex Val; fine-tuned "
                "versions are scored (with their base) on a fixed seeded Val subset (hover for "
@@ -177,7 +100,7 @@ def lineage_section(records: list[dict[str, Any]]) -> None:
         c2.metric("studies held aside", len(lin.get("held_aside_image_ids", [])))
         c3.metric("replay images per batch", (lin.get("replay") or {}).get("per_batch", 0))
         st.caption(f"Data hash `{lin.get('data_hash', '')}` · base `{lin.get('base_version')}` · "
-                   f"checkpoint `{r['checkpoint']}`")
+                   f"model file `{Path(r['checkpoint']).name}`")
     with st.expander("Lineage and metrics (JSON)"):
         st.json({"lineage": lin, "metrics": r["metrics"]}, expanded=False)
 
@@ -189,54 +112,80 @@ def activation_section(records: list[dict[str, Any]]) -> None:
     by_id = {r["id"]: r for r in records}
     current = next((r for r in records if r["active"]), None)
     st.caption(f"Active now: **{current['version'] if current else 'none'}**. New studies are "
-               "predicted by the active version; any version can be re-activated.")
+               "predicted by the active version; any version can be re-activated. Studies it "
+               "has not seen yet are re-predicted in the background.")  # fmt: skip
     ids = [r["id"] for r in reversed(records)]
     c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
     target = c1.selectbox("Version to make active", ids,
-                          format_func=lambda i: by_id[i]["version"], key="models.activate")
-    if c2.button("Activate", disabled=not can_manage() or (current and current["id"] == target),
-                 help=None if can_manage() else "Sign in as a radiologist or researcher."):
-        if not Path(by_id[target]["checkpoint"]).is_file():
-            st.error("This version's checkpoint file is missing; it cannot be activated.")
+                          format_func=lambda i: by_id[i]["version"]
+                          + ("  (rejected by the gate)" if by_id[i]["rejected"] else ""),
+                          key="models.activate")  # fmt: skip
+    record = by_id[target]
+    is_active = current is not None and current["id"] == target
+    clicked = c2.button("Activate", disabled=not can_manage() or is_active,
+                        help=None if can_manage() else "Sign in as a radiologist or researcher.")
+    if st.session_state.get(CONFIRM) not in (None, target):
+        st.session_state.pop(CONFIRM, None)  # another version was picked meanwhile
+    outcome = None
+    if clicked:
+        outcome = admin.activate(common.db, record)
+        if outcome.needs_confirmation:
+            st.session_state[CONFIRM] = target
+    if st.session_state.get(CONFIRM) == target:
+        reason = admin.rejection_reason(record)
+        st.warning(f"**{record['version']} was rejected by the fine-tuning gate**: {reason}. "
+                   "Activating it anyway replaces the active model for every study.",
+                   icon=":material/gpp_maybe:")  # fmt: skip
+        k1, k2, _ = st.columns([2, 1, 3])
+        if k1.button("Activate it anyway", type="primary", key="models.confirm_activate"):
+            st.session_state.pop(CONFIRM, None)
+            outcome = admin.activate(common.db, record, confirmed_rejection=True)
+        if k2.button("Cancel", key="models.cancel_activate"):
+            st.session_state.pop(CONFIRM, None)
+            st.rerun()
+    if outcome is not None and outcome.message:
+        if not outcome.ok:
+            st.error(outcome.message)
             return
-        with common.db() as s:
-            model_versions.set_active_model_version(s, target)
-        st.toast(f"{by_id[target]['version']} is now the active model.")
+        start_repredict()
+        st.toast(outcome.message)
         st.rerun()
 
 
+def start_repredict() -> None:
+    info, loaded, _message = common.active_model()
+    if info is not None and loaded is not None:
+        admin.start_repredict(common.db, settings.database_url(), info, loaded)
+
+
+@st.fragment(run_every="2s")
 def repredict_section() -> None:
     info, loaded, message = common.active_model()
     if info is None or loaded is None:
         common.model_notice(message)
         return
-    rows = studies.worklist(common.db)
-    missing = [r.image_id for r in rows if r.prediction_id is None]
-    st.caption(f"{len(rows) - len(missing)} of {len(rows)} studies have a prediction from "
+    job = admin.repredict_progress(settings.database_url())
+    total, missing = admin.missing_predictions(common.db)
+    if job is not None and not job.finished:
+        st.progress(job.done / max(job.total, 1),
+                    text=f"Predicting studies with {job.version}: {job.done} of {job.total}")
+        return
+    if job is not None and job.failed:
+        st.warning(f"{job.failed} studies could not be predicted with {job.version} "
+                   "(their stored image could not be read).")  # fmt: skip
+    st.caption(f"{total - len(missing)} of {total} studies have a prediction from "
                f"**{info.version}** (the worklist shows the active version's predictions).")
-    if st.button(f"Re-predict {len(missing)} studies with the active version",
+    noun = "study" if len(missing) == 1 else "studies"
+    if st.button(f"Re-predict {len(missing)} {noun} with the active version",
                  disabled=not missing or not can_manage(), icon=":material/refresh:"):
-        handle = ingest.ModelHandle(info.id, info.version, loaded)
-        bar = st.progress(0.0)
-        failed = 0
-        for i, image_id in enumerate(missing, start=1):
-            bar.progress(i / len(missing), text=f"Study #{image_id} ({i}/{len(missing)})")
-            try:
-                ingest.ensure_prediction(common.db, image_id,
-                                         studies.load_xray_payload(common.db, image_id), handle)
-            except Exception:  # one broken payload must not stop the rest
-                common.log.exception("re-predict failed for image %s", image_id)
-                failed += 1
-        bar.empty()
-        st.toast(f"Re-predicted {len(missing) - failed} studies" +
-                 (f"; {failed} failed (see the server log)" if failed else ""))
-        st.rerun()
+        admin.start_repredict(common.db, settings.database_url(), info, loaded)
+        st.rerun(scope="fragment")
 
 
-def start_section(runs: list[dict[str, Any]]) -> None:
+def start_section(run_list: list[dict[str, Any]]) -> None:
     st.subheader("Fine-tune on the corrections")
-    n_studies, n_versions = corrections_available()
-    busy = [r for r in runs if r["status"] in ("queued", "running") and not is_stale(r)]
+    n_studies, n_versions = admin.corrections_available(common.db)
+    busy = [r for r in run_list if r["status"] in ("queued", "running") and not admin.is_stale(r)]
     st.caption(f"{n_studies} studies with submitted or approved masks ({n_versions} mask "
                "versions). About 20% of the studies are held aside to judge the new model; "
                "COVID-QU-Ex Train is replayed so it does not forget. The new version becomes "
@@ -244,13 +193,13 @@ def start_section(runs: list[dict[str, Any]]) -> None:
                "more than the tolerance on COVID-QU-Ex Val.")
     with st.form("models.finetune", border=True):
         c1, c2, c3, c4 = st.columns(4)
-        steps = c1.number_input("Steps", 10, 2000, ft.FinetuneOptions.steps, step=10)
-        replay = c2.number_input("Replay ratio", 0.0, 0.9, ft.FinetuneOptions.replay_ratio,
+        steps = c1.number_input("Steps", 10, 2000, FinetuneOptions.steps, step=10)
+        replay = c2.number_input("Replay ratio", 0.0, 0.9, FinetuneOptions.replay_ratio,
                                  step=0.1)
-        seed = c3.number_input("Seed", 0, 10_000, ft.FinetuneOptions.seed)
-        tol = c4.number_input("Val tolerance (Dice)", 0.0, 0.2, ft.FinetuneOptions.tolerance,
+        seed = c3.number_input("Seed", 0, 10_000, FinetuneOptions.seed)
+        tol = c4.number_input("Val tolerance (Dice)", 0.0, 0.2, FinetuneOptions.tolerance,
                               step=0.005, format="%.3f")
-        data = st.text_input("COVID-QU-Ex folder (replay and Val)", str(ft.DEFAULT_DATA))
+        data = st.text_input("COVID-QU-Ex folder (replay and Val)", str(DEFAULT_DATA))
         why = ("Sign in as a radiologist or researcher." if not can_manage()
                else "A run is already in progress." if busy
                else "Corrections on at least 2 studies are needed." if n_studies < 2 else None)
@@ -259,85 +208,79 @@ def start_section(runs: list[dict[str, Any]]) -> None:
     if why:
         st.caption(why)
     if go_ and why is None:
-        url = settings.database_url()
-        args = {"steps": int(steps), "replay_ratio": float(replay), "seed": int(seed),
-                "tolerance": float(tol), "data": data or None, "by": common.user().name}
-        with common.db() as s:
-            run_id = int(runs.create_run(s, args).id)
-        folder = data_dir_for(url) / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = ["--steps", str(int(steps)), "--replay-ratio", str(float(replay)),
-                 "--seed", str(int(seed)), "--tolerance", str(float(tol))]
-        if data:
-            extra += ["--data", data]
-        try:
-            proc = ft.launch_background(url, run_id, folder / f"finetune-run{run_id}.pt", extra,
-                                        log_path=folder / f"finetune-run{run_id}.log")
-        except OSError as exc:
-            with common.db() as s:
-                runs.finish_run(s, run_id, "failed", message=f"could not start: {exc}")
-            st.error(f"The fine-tuning process could not be started: {exc}")
+        started = admin.start_finetune(
+            common.db, settings.database_url(), common.user().name, int(steps), float(replay),
+            int(seed), float(tol), data or None,
+        )  # fmt: skip
+        if not started.ok:
+            st.error(started.message)
             return
-        _children()[run_id] = proc
-        st.toast(f"Fine-tuning run {run_id} started in the background.")
+        st.toast(started.message)
         st.rerun()
 
 
 @st.fragment(run_every="2s")
 def runs_panel() -> None:
-    reap()
-    runs = run_records()
-    if not runs:
+    admin.reap()
+    run_list = admin.run_records(common.db)
+    if not run_list:
         st.caption("No fine-tuning runs yet.")
         return
-    newest = runs[0]
+    newest = run_list[0]
     seen = st.session_state.get(SEEN_RUN)
     state = (newest["id"], newest["status"])
-    if seen is not None and seen != state and newest["status"] in runs.FINISHED_RUN_STATUSES:
+    if seen is not None and seen != state and admin.is_finished(newest):
         st.session_state[SEEN_RUN] = state
         st.rerun(scope="app")  # a run finished: refresh the versions table and charts
     st.session_state[SEEN_RUN] = state
-    for r in runs[:3]:
-        if r["status"] in ("queued", "running"):
-            if is_stale(r):
-                st.warning(f"Run {r['id']}: its process is gone (killed or the machine "
-                           "restarted); nothing was registered.", icon=":material/warning:")
-                if can_manage() and st.button("Mark as interrupted", key=f"stale.{r['id']}"):
-                    with common.db() as s:
-                        runs.finish_run(s, r["id"], "interrupted",
-                                        message="process ended without reporting (killed?)")
-                    st.rerun(scope="app")
-            else:
-                c1, c2 = st.columns([6, 1], vertical_alignment="center")
-                c1.progress(r["progress"], text=f"Run {r['id']}: {r['message'] or r['status']}"
-                            f" ({100 * r['progress']:.0f}%)")
-                if can_manage() and r["pid"] and c2.button("Stop", key=f"stop.{r['id']}",
-                                                           icon=":material/stop:"):
-                    # The run catches SIGTERM, marks itself interrupted, registers nothing.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(r["pid"]), signal.SIGTERM)
+    for r in run_list[:3]:
+        if r["status"] not in ("queued", "running"):
+            continue
+        if admin.is_stale(r):
+            st.warning(f"Run {r['id']} stopped without reporting (the server or the machine "
+                       "restarted, or it was killed); nothing was registered.",
+                       icon=":material/warning:")  # fmt: skip
+            if can_manage() and st.button("Mark as stopped", key=f"stale.{r['id']}"):
+                admin.mark_interrupted(common.db, r["id"])
+                st.rerun(scope="app")
+            continue
+        c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="center")
+        c1.progress(r["progress"], text=f"Run {r['id']}: {r['message'] or r['status']}"
+                    f" ({100 * r['progress']:.0f}%)")  # fmt: skip
+        if not can_manage() or not r["pid"]:
+            continue
+        if st.session_state.get(STOP) == r["id"]:
+            if c2.button("Stop now", key=f"stop.yes.{r['id']}", type="primary",
+                         help="The run ends and registers nothing"):  # fmt: skip
+                admin.stop_run(r)
+                st.session_state.pop(STOP, None)
+            if c3.button("Keep", key=f"stop.no.{r['id']}"):
+                st.session_state.pop(STOP, None)
+                st.rerun(scope="fragment")
+        elif c2.button("Stop", key=f"stop.{r['id']}", icon=":material/stop:"):
+            st.session_state[STOP] = r["id"]
+            st.rerun(scope="fragment")
     st.dataframe(pd.DataFrame([{
-        "run": r["id"], "status": r["status"], "progress": r["progress"],
-        "message": r["message"], "started (UTC)": common.fmt_time(r["started"]),
-        "finished (UTC)": common.fmt_time(r["finished"]), "model version": r["model_version"],
-    } for r in runs]), hide_index=True, width="stretch", column_config={
-        "progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
+        "Run": r["id"], "Status": admin.RUN_STATUS_LABELS.get(r["status"], r["status"]),
+        "Progress": r["progress"], "Message": admin.user_message(r["message"]),
+        "Started (UTC)": common.fmt_time(r["started"]),
+        "Finished (UTC)": common.fmt_time(r["finished"]), "Model version": r["model_version"],
+    } for r in run_list]), hide_index=True, width="stretch", column_config={
+        "Progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                     format="percent"),
-    })
+    })  # fmt: skip
 
 
 def main() -> None:
     st.title("Models")
-    records = version_records()
+    records = admin.version_records(common.db)
     versions_section(records)
     lineage_section(records)
     activation_section(records)
     repredict_section()
-    start_section(run_records())
+    start_section(admin.run_records(common.db))
     st.subheader("Fine-tuning runs")
     runs_panel()
-    st.caption(f"Run logs: `{data_dir_for(settings.database_url()) / 'models'}`; "
-               f"server pid {os.getpid()}.")
 
 
 main()

@@ -332,17 +332,19 @@ def test_without_a_checkpoint_the_app_explains_instead_of_crashing(
     assert not at.exception and any("no model mask" in w.value for w in at.warning)
 
 
-def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
+def test_models_page_confirms_a_rejected_version_and_repredicts_in_the_background(
     app_env: str, tmp_path: Path, random_checkpoint: Path
 ) -> None:
-    """A second version registered beside the bootstrap one: a researcher activates it, the
-    worklist's studies lack its predictions until "Re-predict", then rolls back."""
+    """Issue 16.3: a version the gate rejected is activated only after a confirmation that
+    says why; activation then predicts every study with it in the background; roll back."""
     from inference.model import file_sha256, load_checkpoint, save_checkpoint
+    from services import model_admin
 
     base = load_checkpoint(random_checkpoint)  # same weights, its own version and file hash
     second = save_checkpoint(base.model, tmp_path / "second.pt", meta={"version": "second-test"})
     at = run_app()  # bootstraps the database when this test runs alone
     scope = scope_for(app_env)
+    reason = "held-aside Dice 0.412 does not beat the base's 0.518"
     with scope() as s:
         first = model_versions.get_active_model_version(s)
         first_id, first_name = first.id, first.version
@@ -351,7 +353,7 @@ def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
             "second-test",
             second,
             file_sha256(second),
-            metrics={"val": {"lung_dice": 0.5}},
+            metrics={"val": {"lung_dice": 0.5}, "decision": {"activate": False, "reason": reason}},
             parent=first,
         )
         new_id = new.id
@@ -367,21 +369,30 @@ def test_models_page_lists_versions_activates_rolls_back_and_repredicts(
     sign_in(at, "Rhea Searcher", "researcher")
     at.switch_page("pages/models.py").run()
     at.selectbox(key="models.activate").select(new_id).run()
-    activate = next(b for b in at.button if b.label == "Activate")
-    activate.click().run()
+    next(b for b in at.button if b.label == "Activate").click().run()
+    assert not at.exception, at.exception
+    warning = next(w.value for w in at.warning if "rejected by the fine-tuning gate" in w.value)
+    assert reason in warning
+    with scope(write=False) as s:
+        assert model_versions.get_active_model_version(s).id == first_id  # not yet
+
+    at.button(key="models.confirm_activate").click().run()
     assert not at.exception, at.exception
     with scope(write=False) as s:
         assert model_versions.get_active_model_version(s).id == new_id
-
-    repredict = next(b for b in at.button if b.label.startswith("Re-predict"))
-    assert repredict.label == "Re-predict 6 studies with the active version"
-    repredict.click().run()
-    assert not at.exception, at.exception
+    job = model_admin.repredict_progress(app_env)
+    assert job is not None and job.version == "second-test"
+    job.thread.join(timeout=TIMEOUT)
+    assert job.finished and job.failed == 0
     with scope(write=False) as s:
         rows = worklist.worklist(s, model_version_id=new_id)
         assert rows and all(r.prediction_id is not None for r in rows)
+    at.switch_page("app.py").run()
+    table = at.dataframe[0].value
+    assert "not predicted" not in set(table["severity"]) and "—" not in set(table["class"])
 
-    at.selectbox(key="models.activate").select(first_id).run()  # roll back
+    at.switch_page("pages/models.py").run()
+    at.selectbox(key="models.activate").select(first_id).run()  # roll back: not rejected
     next(b for b in at.button if b.label == "Activate").click().run()
     with scope(write=False) as s:
         assert model_versions.get_active_model_version(s).id == first_id

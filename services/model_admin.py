@@ -1,0 +1,268 @@
+"""What the Models page does: versions and runs to show, activation, re-prediction, fine-tuning.
+
+The page only draws; everything that touches the database, the model files or processes is
+here. Activation of a version the fine-tuning gate rejected needs the caller to confirm the
+gate's reason. After an activation, the studies the new version has not seen are re-predicted
+in a background thread of the server process (``start_repredict``) whose progress the pages
+poll (``repredict_progress``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from database import annotations, model_versions, runs
+from database.session import data_dir_for
+from inference.model import LoadedModel
+from services import ingest, studies
+from services.ingest import SessionFactory
+from training import finetune as ft
+
+log = logging.getLogger("infmap.models")
+
+MANAGERS = ("radiologist", "researcher")  # who may start fine-tuning and change the model
+RUN_STATUS_LABELS = {
+    "queued": "queued",
+    "running": "running",
+    "succeeded": "finished",
+    "failed": "failed",
+    "interrupted": "stopped",
+}
+
+
+def can_manage(role: str | None) -> bool:
+    return role in MANAGERS
+
+
+def _dice(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
+
+
+# ----------------------------------------------------------------------------- reading
+def version_records(scope: SessionFactory) -> list[dict[str, Any]]:
+    """Every model version, oldest first, with the figures the page shows."""
+    with scope(write=False) as s:
+        rows = model_versions.list_model_versions(s)
+        names = {r.id: r.version for r in rows}
+        out = []
+        for r in reversed(rows):
+            m, lin = dict(r.metrics or {}), dict(r.lineage or {})
+            val, corr = m.get("val") or {}, m.get("corrections") or {}
+            base_corr = (m.get("base") or {}).get("corrections") or {}
+            decision = m.get("decision") or {}
+            out.append({
+                "id": r.id, "version": r.version, "active": bool(r.active),
+                "parent": names.get(r.parent_id, ""), "parent_id": r.parent_id,
+                "created": r.created, "train_minutes": r.train_minutes,
+                "val_lung": _dice(val.get("lung_dice")),
+                "val_infection": _dice(val.get("infection_dice_covid")),
+                "val_n": val.get("n_images"),
+                "held_score": _dice(corr.get("score")),
+                "held_score_base": _dice(base_corr.get("score")),
+                "held_n": corr.get("n_images"),
+                "annotations": len(lin.get("annotation_version_ids") or []),
+                "data_hash": (lin.get("data_hash") or "")[:12],
+                "decision": decision.get("reason") or lin.get("source") or "",
+                "rejected": decision.get("activate") is False,
+                "checkpoint": r.checkpoint_path, "lineage": lin, "metrics": m,
+            })  # fmt: skip
+        return out
+
+
+def rejection_reason(record: dict[str, Any]) -> str | None:
+    """Why the fine-tuning gate did not activate this version (None: it was not rejected)."""
+    if not record.get("rejected"):
+        return None
+    return record.get("decision") or "the fine-tuning gate rejected it"
+
+
+def corrections_available(scope: SessionFactory) -> tuple[int, int]:
+    """(studies, annotation versions) that a fine-tuning run would use now."""
+    with scope(write=False) as s:
+        versions = annotations.training_annotations(s)
+        return len({v.image_id for v in versions}), len(versions)
+
+
+def run_records(scope: SessionFactory, limit: int = 10) -> list[dict[str, Any]]:
+    with scope(write=False) as s:
+        return [{
+            "id": r.id, "status": r.status, "progress": float(r.progress or 0.0),
+            "message": r.message or "", "pid": r.pid, "created": r.created,
+            "started": r.started, "finished": r.finished,
+            "model_version": r.model_version.version if r.model_version else "",
+        } for r in runs.list_runs(s, limit=limit)]  # fmt: skip
+
+
+def is_stale(run: dict[str, Any]) -> bool:
+    """A run the database calls running whose process is gone (killed, machine restarted)."""
+    if run["status"] == "running":
+        return not ft.process_alive(run["pid"])
+    if run["status"] == "queued":  # never picked up within a minute
+        age = (datetime.now(UTC) - run["created"]).total_seconds()
+        return age > 60 and not ft.process_alive(run["pid"])
+    return False
+
+
+def is_finished(run: dict[str, Any]) -> bool:
+    return run["status"] in runs.FINISHED_RUN_STATUSES
+
+
+# ----------------------------------------------------------------------------- activation
+@dataclass(frozen=True)
+class Activation:
+    ok: bool
+    message: str
+    needs_confirmation: str | None = None  # the gate's reason, to be confirmed first
+
+
+def activate(
+    scope: SessionFactory, record: dict[str, Any], confirmed_rejection: bool = False
+) -> Activation:
+    """Make ``record``'s version the active one; a gate-rejected version only once the caller
+    confirmed the gate's reason."""
+    if not Path(record["checkpoint"]).is_file():
+        return Activation(False, "This version's model file is missing; it cannot be activated.")
+    reason = rejection_reason(record)
+    if reason is not None and not confirmed_rejection:
+        return Activation(False, "", needs_confirmation=reason)
+    with scope() as s:
+        model_versions.set_active_model_version(s, record["id"])
+    return Activation(True, f"{record['version']} is now the active model.")
+
+
+# ----------------------------------------------------------------------------- re-prediction
+@dataclass
+class Repredict:
+    version: str
+    total: int
+    done: int = 0
+    failed: int = 0
+    finished: bool = False
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+_REPREDICT: dict[str, Repredict] = {}  # per database URL, the latest background re-prediction
+_LOCK = threading.Lock()
+
+
+def missing_predictions(scope: SessionFactory) -> tuple[int, list[int]]:
+    """(studies, ids of those without a prediction from the active version)."""
+    rows = studies.worklist(scope)
+    return len(rows), [r.image_id for r in rows if r.prediction_id is None]
+
+
+def _repredict(scope: SessionFactory, job: Repredict, handle: ingest.ModelHandle,
+               image_ids: list[int]) -> None:  # fmt: skip
+    for image_id in image_ids:
+        try:
+            xray = studies.load_xray_payload(scope, image_id)
+            ingest.ensure_prediction(scope, image_id, xray, handle)
+        except Exception:  # one broken payload must not stop the rest
+            log.exception("re-predict failed for image %s", image_id)
+            job.failed += 1
+        job.done += 1
+    job.finished = True
+
+
+def start_repredict(
+    scope: SessionFactory, database_url: str, model: studies.ModelInfo, loaded: LoadedModel
+) -> Repredict | None:
+    """Predict, in a background thread, every study the active version has not seen. One job
+    per database at a time; returns the running job (None: nothing to do)."""
+    with _LOCK:
+        job = _REPREDICT.get(database_url)
+        if job is not None and not job.finished:
+            return job
+        _, missing = missing_predictions(scope)
+        if not missing:
+            return None
+        job = Repredict(model.version, len(missing))
+        handle = ingest.ModelHandle(model.id, model.version, loaded)
+        job.thread = threading.Thread(
+            target=_repredict, args=(scope, job, handle, missing), daemon=True,
+            name=f"repredict-{model.version}",
+        )  # fmt: skip
+        _REPREDICT[database_url] = job
+        job.thread.start()
+        return job
+
+
+def repredict_progress(database_url: str) -> Repredict | None:
+    return _REPREDICT.get(database_url)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+_CHILDREN: dict[int, Any] = {}  # Popen objects of runs this server started, reaped when done
+
+
+def reap() -> None:
+    for run_id, proc in list(_CHILDREN.items()):
+        if proc.poll() is not None:
+            _CHILDREN.pop(run_id, None)
+
+
+@dataclass(frozen=True)
+class StartOutcome:
+    ok: bool
+    run_id: int | None
+    message: str
+
+
+def start_finetune(
+    scope: SessionFactory, database_url: str, by: str, steps: int, replay_ratio: float,
+    seed: int, tolerance: float, data: str | None,
+) -> StartOutcome:  # fmt: skip
+    """Register a run and start ``training.finetune`` for it as a background process."""
+    args = {"steps": steps, "replay_ratio": replay_ratio, "seed": seed,
+            "tolerance": tolerance, "data": data or None, "by": by}  # fmt: skip
+    with scope() as s:
+        run_id = int(runs.create_run(s, args).id)
+    folder = data_dir_for(database_url) / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = ["--steps", str(steps), "--replay-ratio", str(replay_ratio),
+             "--seed", str(seed), "--tolerance", str(tolerance)]  # fmt: skip
+    if data:
+        extra += ["--data", data]
+    try:
+        proc = ft.launch_background(
+            database_url, run_id, folder / f"finetune-run{run_id}.pt", extra,
+            log_path=folder / f"finetune-run{run_id}.log",
+        )  # fmt: skip
+    except OSError as exc:
+        log.exception("could not start fine-tuning run %s", run_id)
+        with scope() as s:
+            runs.finish_run(s, run_id, "failed", message=f"could not start: {exc}")
+        return StartOutcome(False, run_id, "The fine-tuning process could not be started.")
+    _CHILDREN[run_id] = proc
+    return StartOutcome(True, run_id, f"Fine-tuning run {run_id} started in the background.")
+
+
+def stop_run(run: dict[str, Any]) -> None:
+    """Ask a run to stop: it catches SIGTERM, marks itself stopped and registers nothing."""
+    if run.get("pid"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(run["pid"]), signal.SIGTERM)
+
+
+def mark_interrupted(scope: SessionFactory, run_id: int) -> None:
+    with scope() as s:
+        runs.finish_run(s, run_id, "interrupted", message="stopped without reporting")
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/:'\"]+){2,}")
+
+
+def user_message(message: str) -> str:
+    """A run's message as people should read it: no signal names, no server file paths."""
+    text = re.sub(r"interrupted \(SIG\w+\)", "stopped on request", message or "")
+    text = re.sub(r"\bSIG(TERM|INT|KILL)\b", "a stop request", text)
+    return _PATH.sub(lambda m: Path(m.group(0)).name, text)
