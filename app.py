@@ -2,8 +2,8 @@
 
 ``streamlit run app.py``. This file sets the page up, runs the first-start bootstrap (database,
 shipped model version, bundled samples), asks who the user is (sidebar) and routes to the pages.
-To add a page, append an ``st.Page`` to ``PAGES`` (or drop ``pages/models.py`` in: it is picked
-up automatically, see ``OPTIONAL_PAGES``).
+To add a page, append an ``st.Page`` to ``PAGES`` (a missing page file is an error at start,
+never a page silently left out).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
-
-from pathlib import Path  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
@@ -25,16 +23,11 @@ from services import identity, studies  # noqa: E402
 from services.storage import storage_problem  # noqa: E402
 from services.text import md_escape  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-
 PAGES = [
     st.Page("pages/worklist.py", title="Worklist", icon=":material/list_alt:", default=True),
     st.Page("pages/review.py", title="Review", icon=":material/radiology:", url_path="review"),
     st.Page("pages/correction.py", title="Correction", icon=":material/brush:", url_path="correct"),
-]
-# Pages other engineers add later: listed here, shown only once their file exists.
-OPTIONAL_PAGES = [
-    ("pages/models.py", "Models", ":material/model_training:", "models"),
+    st.Page("pages/models.py", title="Models", icon=":material/model_training:", url_path="models"),
 ]
 
 
@@ -87,11 +80,7 @@ def identity_sidebar() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="InfMap", page_icon=":material/pulmonology:", layout="wide")
-    pages = list(PAGES)
-    for path, title, icon, url in OPTIONAL_PAGES:
-        if (HERE / path).is_file():
-            pages.append(st.Page(path, title=title, icon=icon, url_path=url))
-    navigation = st.navigation(pages)
+    navigation = st.navigation(PAGES)
     try:
         common.bootstrap()
     except Exception as exc:  # no traceback in the UI; the server log has it
