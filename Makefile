@@ -27,8 +27,11 @@ browser:
 test: install browser
 	$(PY) -m pytest
 
+# ruff over everything; mypy over the typed layers (settings, database, inference, services,
+# training: see [tool.mypy] in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) -m benchmarks.inference_latency

@@ -52,8 +52,11 @@ from inference.model import (  # noqa: E402
 from services.import_masks import import_masks  # noqa: E402
 from training import finetune as ft  # noqa: E402
 from training.data import SplitArrays, list_samples, load_split, to_tensors  # noqa: E402
+from training.finetune import _batches as ft_batches  # noqa: E402
+from training.gate import val_metrics  # noqa: E402
 from training.loop import lr_at, train_step  # noqa: E402
 from training.losses import MultiTaskLoss  # noqa: E402
+from training.replay import read_samples  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -65,7 +68,7 @@ SUBSET = "Infection Segmentation Data"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(ft.DEFAULT_DATA), help="COVID-QU-Ex root")
+    p.add_argument("--data", default=str(settings.shared_data_dir()), help="COVID-QU-Ex root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrections", default="10,25,50,100", help="cumulative counts")
     p.add_argument("--base-steps", type=int, default=200, help="base model training steps")
@@ -98,7 +101,7 @@ def heldout_set(root: str, n_covid: int, n_other: int, seed: int, size: int) -> 
         return ([covid[i] for i in np.sort(rng.permutation(len(covid))[:n_covid])]
                 + [other[i] for i in np.sort(rng.permutation(len(other))[:n_other])])
 
-    return ft.read_samples(root, "Val", size, pick)
+    return read_samples(root, "Val", size, pick)
 
 
 def oracle_order(root: str, seed: int) -> list:
@@ -133,7 +136,7 @@ def train_base(args: argparse.Namespace, config: ModelConfig, path: Path) -> dic
             return [pool[i] for i in np.sort(np.random.default_rng(args.seed).permutation(
                 len(pool))[:64])]
 
-        data = ft.read_samples(args.data, "Train", config.input_size, pick)
+        data = read_samples(args.data, "Train", config.input_size, pick)
     else:
         full = load_split(args.data, "Train", config.input_size, args.cache_dir or None)
         data = full.subset(np.flatnonzero(np.isin(full.labels, keep)))
@@ -143,7 +146,7 @@ def train_base(args: argparse.Namespace, config: ModelConfig, path: Path) -> dic
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.base_lr, weight_decay=1e-4)
     loss_fn = MultiTaskLoss()
     gen = torch.Generator().manual_seed(args.seed)
-    batches = ft._batches(len(data), args.batch_size, np.random.default_rng(args.seed))
+    batches = ft_batches(len(data), args.batch_size, np.random.default_rng(args.seed))
     warmup = max(1, args.base_steps // 10)
     t0 = time.monotonic()
     for step in tqdm(range(args.base_steps), desc="base (no COVID-19)", mininterval=5):
@@ -286,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 3. the fixed held-out set and the base's score on it
     heldout = heldout_set(args.data, args.heldout_covid, args.heldout_other, args.seed,
                           config.input_size)
-    base_scores = ft.val_metrics(load_checkpoint(base_path), heldout)
+    base_scores = val_metrics(load_checkpoint(base_path), heldout)
     print(f"base on held-out: {json.dumps(base_scores)}")
 
     oracle = oracle_order(args.data, args.seed)
@@ -305,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.monotonic()
         result = ft.finetune(opts, engine=engine)
         run_seconds = time.monotonic() - t0
-        scores = ft.val_metrics(load_checkpoint(result.checkpoint), heldout)
+        scores = val_metrics(load_checkpoint(result.checkpoint), heldout)
         row = {
             "corrections": n,
             "imported_versions": summary.versions_saved,

@@ -8,7 +8,7 @@ of operations per aggregate. Storage only: knows nothing of Streamlit, inference
 - ``database.images``          studies and their file store (de-identified payloads)
 - ``database.model_versions``  registered checkpoints, the active one, lineage
 - ``database.predictions``     the model's output per (image, model version)
-- ``database.annotations``     append-only human masks, concurrency, review, training set
+- ``database.annotation_versions`` append-only human masks, concurrency, review, training set
 - ``database.worklist``        the worklist and the next study to look at
 - ``database.runs``            fine-tuning runs
 
@@ -21,7 +21,7 @@ Every operation takes a Session and never commits: the caller owns the transacti
         user = users.get_or_create_user(s, "ann", "annotator")
 """
 
-from database.annotations import RoleError, StaleVersionError
+from database.annotation_versions import RoleError, StaleVersionError
 from database.session import data_dir_for, init_db, make_engine, session_scope
 
 __all__ = [

@@ -16,7 +16,7 @@ import streamlit as st
 import settings
 from pages import common
 from services import model_admin as admin
-from training.finetune import DEFAULT_DATA, FinetuneOptions
+from training.finetune import FinetuneOptions
 
 SELECTED = "models.version"
 SEEN_RUN = "models.seen_run"
@@ -199,7 +199,7 @@ def start_section(run_list: list[dict[str, Any]]) -> None:
         seed = c3.number_input("Seed", 0, 10_000, FinetuneOptions.seed)
         tol = c4.number_input("Val tolerance (Dice)", 0.0, 0.2, FinetuneOptions.tolerance,
                               step=0.005, format="%.3f")
-        data = st.text_input("COVID-QU-Ex folder (replay and Val)", str(DEFAULT_DATA))
+        data = st.text_input("COVID-QU-Ex folder (replay and Val)", str(settings.shared_data_dir()))
         why = ("Sign in as a radiologist or researcher." if not can_manage()
                else "A run is already in progress." if busy
                else "Corrections on at least 2 studies are needed." if n_studies < 2 else None)

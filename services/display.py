@@ -131,7 +131,8 @@ def png_data_uri(rgb: np.ndarray) -> str:
 
 
 def thumbnail_uri(pixels: np.ndarray, max_side: int = THUMB_MAX_SIDE) -> str:
-    grid = DisplayGrid.for_shape(*pixels.shape, max_side=max_side)
+    height, width = pixels.shape[:2]
+    grid = DisplayGrid.for_shape(height, width, max_side=max_side)
     return png_data_uri(np.clip(grid.image(np.asarray(pixels, np.float32)), 0.0, 1.0))
 
 

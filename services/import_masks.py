@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from database import annotations, users
+from database import annotation_versions, users
 from database.masks import MaskError, read_mask_file, resize_mask
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
@@ -124,7 +124,7 @@ def import_masks(
     if lung_dir is None and infection_dir is None:
         raise ValueError("give at least one of the lung or infection mask folders")
     if status in REVIEW_STATUSES and role != "radiologist":
-        raise annotations.RoleError(f"only a radiologist may import masks as {status}")
+        raise annotation_versions.RoleError(f"only a radiologist may import masks as {status}")
     mask_dirs = {k: d for k, d in (("lung", lung_dir), ("infection", infection_dir)) if d}
     indexes = {kind: _index(d) for kind, d in mask_dirs.items()}
     with session_scope(engine) as s:
@@ -168,11 +168,14 @@ def import_masks(
                 else:
                     summary.images_present += 1
                 for kind, mask in arrays.items():
-                    head = annotations.head_version(s, image.id, kind)
-                    if head is not None and np.array_equal(annotations.version_mask(head), mask):
+                    head = annotation_versions.head_version(s, image.id, kind)
+                    same = head is not None and np.array_equal(
+                        annotation_versions.version_mask(head), mask
+                    )
+                    if same:
                         summary.versions_unchanged += 1
                         continue
-                    annotations.save_annotation(
+                    annotation_versions.save_annotation(
                         s,
                         image.id,
                         kind,

@@ -20,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from database import annotations, model_versions, runs
+from database import annotation_versions, model_versions, runs
 from database.session import data_dir_for
 from inference.model import LoadedModel
 from services import ingest, studies
 from services.ingest import SessionFactory
-from training import finetune as ft
+from training import run_control
 
 log = logging.getLogger("infmap.models")
 
@@ -88,7 +88,7 @@ def rejection_reason(record: dict[str, Any]) -> str | None:
 def corrections_available(scope: SessionFactory) -> tuple[int, int]:
     """(studies, annotation versions) that a fine-tuning run would use now."""
     with scope(write=False) as s:
-        versions = annotations.training_annotations(s)
+        versions = annotation_versions.training_annotations(s)
         return len({v.image_id for v in versions}), len(versions)
 
 
@@ -105,10 +105,10 @@ def run_records(scope: SessionFactory, limit: int = 10) -> list[dict[str, Any]]:
 def is_stale(run: dict[str, Any]) -> bool:
     """A run the database calls running whose process is gone (killed, machine restarted)."""
     if run["status"] == "running":
-        return not ft.process_alive(run["pid"])
+        return not run_control.process_alive(run["pid"])
     if run["status"] == "queued":  # never picked up within a minute
         age = (datetime.now(UTC) - run["created"]).total_seconds()
-        return age > 60 and not ft.process_alive(run["pid"])
+        return age > 60 and not run_control.process_alive(run["pid"])
     return False
 
 
@@ -233,7 +233,7 @@ def start_finetune(
     if data:
         extra += ["--data", data]
     try:
-        proc = ft.launch_background(
+        proc = run_control.launch_background(
             database_url, run_id, folder / f"finetune-run{run_id}.pt", extra,
             log_path=folder / f"finetune-run{run_id}.log",
         )  # fmt: skip

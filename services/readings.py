@@ -15,7 +15,7 @@ from datetime import datetime
 
 import numpy as np
 
-from database import annotations
+from database import annotation_versions
 from services.ingest import SessionFactory
 from services.studies import InfectionSummary, PredictionView, infection_summary
 from settings import MASK_KINDS
@@ -49,7 +49,7 @@ def current_versions(scope: SessionFactory) -> dict[int, Reading]:
     with scope(write=False) as session:
         # submitted first, then approved on top: approved wins where both exist
         for status in ("submitted", "approved"):
-            for v in annotations.training_annotations(session, statuses=(status,)):
+            for v in annotation_versions.training_annotations(session, statuses=(status,)):
                 found.setdefault(v.image_id, {})[v.kind] = HumanVersion(
                     v.id, v.kind, v.status, v.author.name, v.author.role, v.created
                 )

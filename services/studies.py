@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from database import annotations, images, model_versions, predictions
+from database import annotation_versions, images, model_versions, predictions
 from database import worklist as worklist_queries
 from database.models import User
 from inference.gradcam import gradcam
@@ -225,21 +225,23 @@ def _version_info(v: Any) -> VersionInfo:
 def list_versions(scope: SessionFactory, image_id: int, kind: str) -> list[VersionInfo]:
     """All versions of (image, kind), oldest first (conflict drafts included)."""
     with scope(write=False) as session:
-        return [_version_info(v) for v in annotations.list_versions(session, image_id, kind)]
+        return [
+            _version_info(v) for v in annotation_versions.list_versions(session, image_id, kind)
+        ]
 
 
 def head_version(scope: SessionFactory, image_id: int, kind: str) -> VersionInfo | None:
     with scope(write=False) as session:
-        head = annotations.head_version(session, image_id, kind)
+        head = annotation_versions.head_version(session, image_id, kind)
         return None if head is None else _version_info(head)
 
 
 def version_mask(scope: SessionFactory, version_id: int) -> np.ndarray:
     with scope(write=False) as session:
-        v = annotations.get_version(session, version_id)
+        v = annotation_versions.get_version(session, version_id)
         if v is None:
             raise LookupError(f"no version {version_id}")
-        return annotations.version_mask(v)
+        return annotation_versions.version_mask(v)
 
 
 def version_table(
@@ -290,7 +292,7 @@ def save_mask(
     mask = np.asarray(mask, bool)
     try:
         with scope() as session:
-            version = annotations.save_annotation(
+            version = annotation_versions.save_annotation(
                 session,
                 image_id,
                 kind,
@@ -302,9 +304,9 @@ def save_mask(
                 prediction_id=prediction_id,
             )
             new_id = int(version.id)
-    except annotations.StaleVersionError as refused:
+    except annotation_versions.StaleVersionError as refused:
         with scope() as session:
-            draft = annotations.save_conflict_draft(
+            draft = annotation_versions.save_conflict_draft(
                 session,
                 image_id,
                 kind,
@@ -316,7 +318,7 @@ def save_mask(
             )
             kept = refused.kept_as(int(draft.id))
         return SaveOutcome(False, kept.conflict_version_id, str(kept))
-    except (annotations.RoleError, ValueError, LookupError) as exc:
+    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = {"draft": "Draft saved", "submitted": "Submitted for review"}.get(
         status, f"Saved as {STATUS_LABELS.get(status, status)}"
@@ -337,18 +339,19 @@ def review_head(
     comment = (comment or "").strip() or None
     if action == "return" and not comment:
         return SaveOutcome(False, None, "Say what needs changing: a comment is required.")
-    fn = {"approve": annotations.approve_annotation, "return": annotations.return_annotation}.get(
-        action
-    )
+    fn = {
+        "approve": annotation_versions.approve_annotation,
+        "return": annotation_versions.return_annotation,
+    }.get(action)
     if fn is None:
         raise ValueError(f"unknown review action {action!r}")
     try:
         with scope() as session:
             version = fn(session, image_id, kind, _user(session, user_id), base_version_id, comment)
             new_id = int(version.id)
-    except annotations.StaleVersionError as exc:
+    except annotation_versions.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
-    except (annotations.RoleError, ValueError, LookupError) as exc:
+    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = "Approved" if action == "approve" else "Sent back"
     return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")

@@ -8,24 +8,19 @@ versions, fine-tuned versions registered with their lineage.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import pytest
+from covid_qu_ex import shared_data
 
 from benchmarks import annotation_loop
-from database import annotations, model_versions
+from database import annotation_versions, model_versions
 from database.session import init_db, session_scope
 
-DATA = Path(os.environ.get("INFMAP_DATA", Path(__file__).resolve().parent.parent.parent
-                           / "shared" / "data" / "covid-qu-ex"))
 
-
-@pytest.mark.skipif(not (DATA / annotation_loop.SUBSET).is_dir(),
-                    reason=f"COVID-QU-Ex not found at {DATA} (set INFMAP_DATA)")
 def test_tiny_annotation_loop_registers_versions_with_lineage(tmp_path: Path) -> None:
+    data = shared_data()  # the benchmark draws its corrections from the real Train split
     args = annotation_loop.parse_args([
-        "--tiny", "--data", str(DATA), "--base-steps", "3", "--corrections", "5,10",
+        "--tiny", "--data", str(data), "--base-steps", "3", "--corrections", "5,10",
         "--work-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"), "--cache-dir", "",
     ])
     result = annotation_loop.run(args)
@@ -47,5 +42,5 @@ def test_tiny_annotation_loop_registers_versions_with_lineage(tmp_path: Path) ->
         # lung + infection version of each study trained on; held-aside studies listed apart
         assert len(lineage["annotation_version_ids"]) == 2 * last["trained_on"]
         assert len(lineage["held_aside_image_ids"]) == last["held_aside"] >= 1
-        assert len(annotations.training_annotations(s)) == 2 * 10
+        assert len(annotation_versions.training_annotations(s)) == 2 * 10
     engine.dispose()

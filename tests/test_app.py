@@ -7,7 +7,7 @@ save here stores the mask the page started from; drawing is covered by tests/bro
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 
 import cv2
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from database import annotations, model_versions, users, worklist
+import settings
+from database import annotation_versions, model_versions, users, worklist
 from database.session import init_db, session_scope
 from services import bootstrap, display, identity, ingest, masks, studies
 
@@ -24,16 +25,38 @@ TIMEOUT = 180  # first run: migrations, model load, six sample predictions on a 
 
 
 @pytest.fixture(scope="module")
-def app_env(tmp_path_factory: pytest.TempPathFactory, random_checkpoint: Path) -> Iterator[str]:
-    """One temp database for the module (the bootstrap predicts the six samples once)."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('apptest') / 'infmap.sqlite'}"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DATABASE_URL", url)
-    patch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
-    patch.delenv("INFMAP_DATA_DIR", raising=False)
-    patch.delenv("INFMAP_SAMPLES_DIR", raising=False)
-    yield url
-    patch.undo()
+def bootstrapped(tmp_path_factory: pytest.TempPathFactory, random_checkpoint: Path) -> Path:
+    """A database folder after the first start (tables, the random model, the six samples
+    predicted), made once per module through the same service the app's start calls."""
+    from inference.model import load_checkpoint
+
+    folder = tmp_path_factory.mktemp("apptest")
+    engine = init_db(f"sqlite:///{folder / 'infmap.sqlite'}")
+    try:
+        report = bootstrap.bootstrap(
+            lambda write=True: session_scope(engine, write=write),
+            random_checkpoint,
+            settings.SAMPLES_DIR,
+            load_checkpoint,
+        )
+    finally:
+        engine.dispose()  # closes the WAL so the folder can be copied
+    assert report.samples_found == 6 and not report.sample_errors
+    return folder
+
+
+@pytest.fixture
+def app_env(
+    bootstrapped: Path, tmp_path: Path, random_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Each AppTest gets its own copy of the started database: no test sees another's saves."""
+    folder = shutil.copytree(bootstrapped, tmp_path / "app")
+    url = f"sqlite:///{folder / 'infmap.sqlite'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
+    monkeypatch.delenv("INFMAP_DATA_DIR", raising=False)
+    monkeypatch.delenv("INFMAP_SAMPLES_DIR", raising=False)
+    return url
 
 
 def run_app(page: str | None = None) -> AppTest:
@@ -112,20 +135,31 @@ def test_saving_on_the_correction_page_creates_a_version(app_env: str) -> None:
 
     scope = scope_for(app_env)
     with scope(write=False) as s:
-        saved = annotations.list_versions(s, study_id, "lung")
+        saved = annotation_versions.list_versions(s, study_id, "lung")
         assert [(v.author.name, v.status) for v in saved] == [("Saver Sam", "submitted")]
         first_id = saved[0].id
 
     at.button(key="correction.save.approved").click().run()  # radiologist approves the head
     assert any("Approved" in s.value for s in at.success)
     with scope(write=False) as s:
-        saved = annotations.list_versions(s, study_id, "lung")
+        saved = annotation_versions.list_versions(s, study_id, "lung")
         assert [(v.status, v.parent_id) for v in saved][-1] == ("approved", first_id)
     history = at.dataframe[-1].value  # the version history
     assert list(history["status"]) == ["approved", "submitted"]
 
 
 def test_worklist_filters_by_status_after_a_save(app_env: str) -> None:
+    scope = scope_for(app_env)
+    with scope() as s:
+        user_id = users.get_or_create_user(s, "Saver Sam", "radiologist").id
+        study_id = worklist.worklist(s)[0].image_id
+    info = studies.study_info(scope, study_id)
+    mask = np.ones((info.height, info.width), bool)
+    saved = studies.save_mask(scope, study_id, "lung", mask, user_id, "submitted", None)
+    assert saved.ok, saved.message
+    approved = studies.review_head(scope, study_id, "lung", user_id, "approve", saved.version_id)
+    assert approved.ok, approved.message
+
     at = run_app()
     at.multiselect(key="worklist.status").select("approved").run()
     table = at.dataframe[0].value
@@ -147,7 +181,7 @@ def test_submitting_a_saved_draft_changes_its_status_without_a_duplicate(app_env
     assert not at.exception, at.exception
     assert any("Submitted for review: infection mask version" in s.value for s in at.success)
     with scope_for(app_env)(write=False) as s:
-        saved = annotations.list_versions(s, study_id, "infection")
+        saved = annotation_versions.list_versions(s, study_id, "infection")
         assert [(v.author.name, v.status) for v in saved] == [("Dora Drafter", "submitted")]
     at.button(key="correction.save.submitted").click().run()  # again: nothing to submit
     assert any("already submitted" in e.value for e in [*at.info, *at.error])
@@ -342,7 +376,7 @@ def test_models_page_confirms_a_rejected_version_and_repredicts_in_the_backgroun
 
     base = load_checkpoint(random_checkpoint)  # same weights, its own version and file hash
     second = save_checkpoint(base.model, tmp_path / "second.pt", meta={"version": "second-test"})
-    at = run_app()  # bootstraps the database when this test runs alone
+    at = run_app()
     scope = scope_for(app_env)
     reason = "held-aside Dice 0.412 does not beat the base's 0.518"
     with scope() as s:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.metadata
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,14 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+import settings
 from inference.batch import COLUMNS, main
 from inference.model import ModelConfig, build_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-QU_EX = Path(
-    "/work/shared/data/covid-qu-ex/Infection Segmentation Data/Infection Segmentation Data"
-    "/Test/COVID-19/images"
-)
 SMALL = ModelConfig(input_size=128, decoder_channels=[16, 8, 8, 8, 8])
 
 
@@ -36,9 +32,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def real_pngs(n: int) -> list[Path]:
-    if not QU_EX.is_dir():
-        pytest.skip("COVID-QU-Ex test images not available on this machine")
-    pngs = sorted(QU_EX.glob("*.png"))[:n]
+    """Real COVID-QU-Ex Test X-rays: the bundled COVID-19 samples (two)."""
+    pngs = [p for p in sorted((settings.SAMPLES_DIR / "COVID-19").glob("*.png"))
+            if not p.stem.endswith(("_lung", "_infection"))][:n]
     assert len(pngs) == n
     return pngs
 
@@ -105,8 +101,6 @@ def test_batch_explicit_files_and_missing_path(tmp_path: Path, checkpoint: Path)
     assert (out / "masks" / f"{a.stem}_2_lung.png").is_file()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("inference.dicom") is None,
-                    reason="inference.dicom (DICOM decoding) not present yet")
 def test_batch_extensionless_dicom(tmp_path: Path, checkpoint: Path) -> None:
     try:
         dist = importlib.metadata.distribution("pydicom-data")

@@ -14,8 +14,8 @@ from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 import settings
-from database import annotations, images, model_versions, predictions, runs, users, worklist
-from database.annotations import RoleError, StaleVersionError
+from database import annotation_versions, images, model_versions, predictions, runs, users, worklist
+from database.annotation_versions import RoleError, StaleVersionError
 from database.masks import mask_to_png, png_to_mask
 from database.models import AnnotationVersion, Image, ModelVersion, Prediction, User
 from database.session import (
@@ -91,17 +91,24 @@ def model_version(s, version: str = "v1", activate: bool = True) -> ModelVersion
 
 
 def save_or_keep_draft(
-    engine: Engine, image_id: int, kind: str, mask: np.ndarray, author: User, status: str,
+    engine: Engine,
+    image_id: int,
+    kind: str,
+    mask: np.ndarray,
+    author: User,
+    status: str,
     base_id: int | None,
 ) -> StaleVersionError:
     """The caller's side of a refused save (as ``services.studies.save_mask`` does it): the
     refusal rolls back, and the mask is kept as a conflict draft in a transaction of its own."""
     try:
         with session_scope(engine) as s:
-            annotations.save_annotation(s, image_id, kind, mask, author, status, base_id)
+            annotation_versions.save_annotation(s, image_id, kind, mask, author, status, base_id)
     except StaleVersionError as exc:
         with session_scope(engine) as s:
-            draft = annotations.save_conflict_draft(s, image_id, kind, mask, author, base_id)
+            draft = annotation_versions.save_conflict_draft(
+                s, image_id, kind, mask, author, base_id
+            )
             return exc.kept_as(draft.id)
     raise AssertionError("the save was not refused")
 
@@ -285,7 +292,7 @@ def test_prediction_is_stored_once_per_model_version(engine: Engine) -> None:
 
 
 def test_real_prediction_dataclass_is_storable(engine: Engine) -> None:
-    predict = pytest.importorskip("inference.predict")
+    from inference import predict
     fake = FakePrediction()
     real = predict.Prediction(
         class_names=fake.class_names,
@@ -322,39 +329,41 @@ def test_save_chain_is_append_only_and_leaves_prediction_untouched(engine: Engin
     model_lung_png = pred.lung_mask_png
 
     with session_scope(engine) as s:
-        v1 = annotations.save_annotation(
+        v1 = annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 30, 30), ann, "draft", None, prediction_id=pred.id
         )
     with session_scope(engine) as s:
-        v2 = annotations.save_annotation(
+        v2 = annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 40, 40), ann, "submitted", v1.id
         )
-        v3 = annotations.save_annotation(
+        v3 = annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 45, 45), ann, "draft", v2.id
         )
     with session_scope(engine, write=False) as s:
-        versions = annotations.list_versions(s, image.id, "lung")
+        versions = annotation_versions.list_versions(s, image.id, "lung")
         assert [v.id for v in versions] == [v1.id, v2.id, v3.id]
         assert [v.parent_id for v in versions] == [None, v1.id, v2.id]
         assert versions[0].prediction_id == pred.id
         assert [v.status for v in versions] == ["draft", "submitted", "draft"]
-        np.testing.assert_array_equal(annotations.version_mask(versions[0]), _box(0, 0, 30, 30))
-        assert annotations.head_version(s, image.id, "lung").id == v3.id
-        assert annotations.head_version(s, image.id, "infection") is None
+        np.testing.assert_array_equal(
+            annotation_versions.version_mask(versions[0]), _box(0, 0, 30, 30)
+        )
+        assert annotation_versions.head_version(s, image.id, "lung").id == v3.id
+        assert annotation_versions.head_version(s, image.id, "infection") is None
         assert predictions.get_prediction(s, image.id, pred.model_version_id).lung_mask_png == (
             model_lung_png
         )
 
     with pytest.raises(RuntimeError, match="append-only"), session_scope(engine) as s:
-        annotations.get_version(s, v1.id).status = "approved"
+        annotation_versions.get_version(s, v1.id).status = "approved"
     with pytest.raises(RuntimeError, match="append-only"), session_scope(engine) as s:
-        s.delete(annotations.get_version(s, v1.id))
+        s.delete(annotation_versions.get_version(s, v1.id))
     with session_scope(engine, write=False) as s:
-        assert annotations.get_version(s, v1.id).status == "draft"
+        assert annotation_versions.get_version(s, v1.id).status == "draft"
     assert count(engine, AnnotationVersion) == 3
 
     with session_scope(engine) as s, pytest.raises(ValueError, match="shape"):
-        annotations.save_annotation(
+        annotation_versions.save_annotation(
             s, image.id, "lung", np.zeros((5, 5), bool), ann, "draft", v3.id
         )
 
@@ -368,17 +377,19 @@ def test_stale_save_is_refused_and_kept_as_conflict_draft(engine: Engine) -> Non
 
     # Both opened the editor when there was no human version yet (base None).
     with session_scope(engine) as s:
-        first = annotations.save_annotation(
+        first = annotation_versions.save_annotation(
             s, image.id, "infection", ann_mask, ann, "submitted", None
         )
     # The refusal writes nothing and commits nothing of the caller's transaction.
     with pytest.raises(StaleVersionError) as caught, session_scope(engine) as s:
         users.get_or_create_user(s, "carol", "annotator")  # the caller's other pending work
-        annotations.save_annotation(s, image.id, "infection", bob_mask, bob, "submitted", None)
+        annotation_versions.save_annotation(
+            s, image.id, "infection", bob_mask, bob, "submitted", None
+        )
     assert caught.value.conflict_version_id is None
     with session_scope(engine, write=False) as s:
         assert users.get_user(s, "carol") is None
-        assert annotations.drafts_for(s, bob, image.id) == []
+        assert annotation_versions.drafts_for(s, bob, image.id) == []
 
     err = save_or_keep_draft(engine, image.id, "infection", bob_mask, bob, "submitted", None)
     assert err.head_author == "ann" and err.head_id == first.id and err.head_status == "submitted"
@@ -387,24 +398,29 @@ def test_stale_save_is_refused_and_kept_as_conflict_draft(engine: Engine) -> Non
     assert err.head_created == first.created
 
     with session_scope(engine, write=False) as s:
-        drafts = annotations.drafts_for(s, bob, image.id)
+        drafts = annotation_versions.drafts_for(s, bob, image.id)
         assert [d.id for d in drafts] == [err.conflict_version_id]
         draft = drafts[0]
         assert draft.conflict and draft.status == "draft" and draft.parent_id is None
         assert draft.author.name == "bob"
-        np.testing.assert_array_equal(annotations.version_mask(draft), bob_mask)
-        assert annotations.head_version(s, image.id, "infection").id == first.id  # still ann's
+        np.testing.assert_array_equal(annotation_versions.version_mask(draft), bob_mask)
+        assert (
+            annotation_versions.head_version(s, image.id, "infection").id == first.id
+        )  # still ann's
 
     # Bob now bases on the head; a conflict draft never becomes the head.
     with session_scope(engine) as s:
-        ok = annotations.save_annotation(
+        ok = annotation_versions.save_annotation(
             s, image.id, "infection", bob_mask, bob, "submitted", first.id
         )
         assert ok.parent_id == first.id
     err = save_or_keep_draft(engine, image.id, "infection", ann_mask, ann, "draft", first.id)
     assert err.head_author == "bob"
     with session_scope(engine, write=False) as s:
-        assert annotations.drafts_for(s, ann, image.id, conflict_only=True)[0].parent_id == first.id
+        assert (
+            annotation_versions.drafts_for(s, ann, image.id, conflict_only=True)[0].parent_id
+            == first.id
+        )
 
 
 def test_concurrent_saves_on_the_same_head(
@@ -414,18 +430,18 @@ def test_concurrent_saves_on_the_same_head(
     with session_scope(engine) as s:
         image = add_image(s)
         people = [users.get_or_create_user(s, n, "annotator") for n in ("ann", "bob")]
-        base = annotations.save_annotation(
+        base = annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 9, 9), people[0], "draft", None
         )
 
-    real_head = annotations.head_version
+    real_head = annotation_versions.head_version
 
     def slow_head(*args, **kwargs):  # widen the read-check-write window
         found = real_head(*args, **kwargs)
         time.sleep(0.3)
         return found
 
-    monkeypatch.setattr(annotations, "head_version", slow_head)
+    monkeypatch.setattr(annotation_versions, "head_version", slow_head)
     barrier = threading.Barrier(2)
     results: dict[str, object] = {}
 
@@ -434,12 +450,14 @@ def test_concurrent_saves_on_the_same_head(
         try:
             barrier.wait()
             with session_scope(eng) as s:
-                results[user.name] = annotations.save_annotation(
+                results[user.name] = annotation_versions.save_annotation(
                     s, image.id, "lung", mask, user, "submitted", base.id
                 ).id
         except StaleVersionError as exc:
             with session_scope(eng) as s:
-                draft = annotations.save_conflict_draft(s, image.id, "lung", mask, user, base.id)
+                draft = annotation_versions.save_conflict_draft(
+                    s, image.id, "lung", mask, user, base.id
+                )
                 results[user.name] = exc.kept_as(draft.id)
         except Exception as exc:  # collected for the assertions below
             results[user.name] = exc
@@ -461,8 +479,8 @@ def test_concurrent_saves_on_the_same_head(
     (winner, win_id), (loser, err) = next(iter(winners.items())), next(iter(losers.items()))
     assert err.head_author == winner and err.head_id == win_id
     with session_scope(engine, write=False) as s:
-        assert annotations.head_version(s, image.id, "lung").id == win_id
-        kept = annotations.get_version(s, err.conflict_version_id)
+        assert annotation_versions.head_version(s, image.id, "lung").id == win_id
+        kept = annotation_versions.get_version(s, err.conflict_version_id)
         assert kept.conflict and kept.author.name == loser and kept.parent_id == base.id
 
 
@@ -471,33 +489,37 @@ def test_approve_and_send_back_require_a_radiologist(engine: Engine) -> None:
         image = add_image(s)
         ann = users.get_or_create_user(s, "ann", "annotator")
         rad = users.get_or_create_user(s, "dr-rad", "radiologist")
-        sub = annotations.save_annotation(
+        sub = annotation_versions.save_annotation(
             s, image.id, "lung", _box(2, 2, 30, 30), ann, "submitted", None
         )
 
     with session_scope(engine) as s:
         with pytest.raises(RoleError):
-            annotations.approve_annotation(s, image.id, "lung", ann, sub.id)
+            annotation_versions.approve_annotation(s, image.id, "lung", ann, sub.id)
         with pytest.raises(RoleError):
-            annotations.save_annotation(
+            annotation_versions.save_annotation(
                 s, image.id, "lung", _box(0, 0, 5, 5), ann, "approved", sub.id
             )
         with pytest.raises(RoleError):
-            annotations.return_annotation(s, image.id, "lung", ann, sub.id, "no")
+            annotation_versions.return_annotation(s, image.id, "lung", ann, sub.id, "no")
     with session_scope(engine) as s:
-        back = annotations.return_annotation(s, image.id, "lung", rad, sub.id, "left base missing")
+        back = annotation_versions.return_annotation(
+            s, image.id, "lung", rad, sub.id, "left base missing"
+        )
         assert back.status == "returned" and back.parent_id == sub.id
         assert back.comment == "left base missing" and back.mask_png == sub.mask_png
     with pytest.raises(StaleVersionError) as caught, session_scope(engine) as s:
-        annotations.approve_annotation(s, image.id, "lung", rad, sub.id)  # no longer the head
+        annotation_versions.approve_annotation(
+            s, image.id, "lung", rad, sub.id
+        )  # no longer the head
     assert caught.value.conflict_version_id is None and caught.value.head_author == "dr-rad"
     with session_scope(engine) as s:
-        fixed = annotations.save_annotation(
+        fixed = annotation_versions.save_annotation(
             s, image.id, "lung", _box(2, 2, 40, 40), ann, "submitted", back.id
         )
-        ok = annotations.approve_annotation(s, image.id, "lung", rad, fixed.id, "good")
+        ok = annotation_versions.approve_annotation(s, image.id, "lung", rad, fixed.id, "good")
         assert ok.status == "approved" and ok.author.role == "radiologist"
-        np.testing.assert_array_equal(annotations.version_mask(ok), _box(2, 2, 40, 40))
+        np.testing.assert_array_equal(annotation_versions.version_mask(ok), _box(2, 2, 40, 40))
     with session_scope(engine) as s, pytest.raises(ValueError):
         users.get_or_create_user(s, "ann", "radiologist")  # roles are not silently changed
 
@@ -535,13 +557,13 @@ def test_worklist_statuses_filters_and_sorting(engine: Engine) -> None:
             )
         m = _box(0, 0, 10, 10)
         # ids[0] new. ids[1] corrected (a draft). ids[2] submitted (lung) after an infection draft.
-        annotations.save_annotation(s, ids[1], "lung", m, ann, "draft", None)
-        annotations.save_annotation(s, ids[2], "infection", m, ann, "draft", None)
-        sub = annotations.save_annotation(s, ids[2], "lung", m, bob, "submitted", None)
-        a = annotations.save_annotation(s, ids[3], "lung", m, ann, "submitted", None)
-        annotations.approve_annotation(s, ids[3], "lung", rad, a.id)
-        r = annotations.save_annotation(s, ids[4], "infection", m, ann, "submitted", None)
-        annotations.return_annotation(s, ids[4], "infection", rad, r.id, "redo")
+        annotation_versions.save_annotation(s, ids[1], "lung", m, ann, "draft", None)
+        annotation_versions.save_annotation(s, ids[2], "infection", m, ann, "draft", None)
+        sub = annotation_versions.save_annotation(s, ids[2], "lung", m, bob, "submitted", None)
+        a = annotation_versions.save_annotation(s, ids[3], "lung", m, ann, "submitted", None)
+        annotation_versions.approve_annotation(s, ids[3], "lung", rad, a.id)
+        r = annotation_versions.save_annotation(s, ids[4], "infection", m, ann, "submitted", None)
+        annotation_versions.return_annotation(s, ids[4], "infection", rad, r.id, "redo")
     save_or_keep_draft(engine, ids[2], "lung", m, ann, "draft", None)  # conflict: no effect
 
     with session_scope(engine, write=False) as s:
@@ -641,37 +663,39 @@ def test_training_annotations_latest_submitted_or_approved(engine: Engine) -> No
         im = [add_image(s, seed=i).id for i in range(4)]
         m = _box(0, 0, 10, 10)
         # im0 lung: submitted, approved, then a newer draft -> the approved one counts.
-        a = annotations.save_annotation(s, im[0], "lung", m, ann, "submitted", None)
-        a2 = annotations.approve_annotation(s, im[0], "lung", rad, a.id)
-        annotations.save_annotation(s, im[0], "lung", m, ann, "draft", a2.id)
+        a = annotation_versions.save_annotation(s, im[0], "lung", m, ann, "submitted", None)
+        a2 = annotation_versions.approve_annotation(s, im[0], "lung", rad, a.id)
+        annotation_versions.save_annotation(s, im[0], "lung", m, ann, "draft", a2.id)
         # im0 infection: submitted twice -> the newer.
-        b = annotations.save_annotation(s, im[0], "infection", m, ann, "submitted", None)
-        b2 = annotations.save_annotation(s, im[0], "infection", m, ann, "submitted", b.id)
+        b = annotation_versions.save_annotation(s, im[0], "infection", m, ann, "submitted", None)
+        b2 = annotation_versions.save_annotation(s, im[0], "infection", m, ann, "submitted", b.id)
         # im1 lung: submitted then returned -> nothing; im1 infection: draft only -> nothing.
-        c = annotations.save_annotation(s, im[1], "lung", m, ann, "submitted", None)
-        c2 = annotations.return_annotation(s, im[1], "lung", rad, c.id, "wrong")
-        annotations.save_annotation(s, im[1], "infection", m, ann, "draft", None)
+        c = annotation_versions.save_annotation(s, im[1], "lung", m, ann, "submitted", None)
+        c2 = annotation_versions.return_annotation(s, im[1], "lung", rad, c.id, "wrong")
+        annotation_versions.save_annotation(s, im[1], "infection", m, ann, "draft", None)
         # im2 lung: returned then resubmitted -> the resubmission.
-        d = annotations.save_annotation(s, im[2], "lung", m, ann, "submitted", None)
-        d2 = annotations.return_annotation(s, im[2], "lung", rad, d.id, "redo")
-        d3 = annotations.save_annotation(s, im[2], "lung", m, ann, "submitted", d2.id)
+        d = annotation_versions.save_annotation(s, im[2], "lung", m, ann, "submitted", None)
+        d2 = annotation_versions.return_annotation(s, im[2], "lung", rad, d.id, "redo")
+        d3 = annotation_versions.save_annotation(s, im[2], "lung", m, ann, "submitted", d2.id)
     # im3: a conflict draft only -> nothing.
     with session_scope(engine) as s:
-        e = annotations.save_annotation(s, im[3], "lung", m, ann, "submitted", None)
+        e = annotation_versions.save_annotation(s, im[3], "lung", m, ann, "submitted", None)
     save_or_keep_draft(engine, im[3], "lung", m, ann, "submitted", None)
 
     with session_scope(engine, write=False) as s:
-        got = [(v.image_id, v.kind, v.id) for v in annotations.training_annotations(s)]
+        got = [(v.image_id, v.kind, v.id) for v in annotation_versions.training_annotations(s)]
         assert got == [
             (im[0], "infection", b2.id),
             (im[0], "lung", a2.id),
             (im[2], "lung", d3.id),
             (im[3], "lung", e.id),
         ]
-        approved = [v.id for v in annotations.training_annotations(s, statuses=("approved",))]
+        approved = [
+            v.id for v in annotation_versions.training_annotations(s, statuses=("approved",))
+        ]
         assert approved == [a2.id]
         assert c2.id not in [
-            v.id for v in annotations.training_annotations(s, statuses=("submitted",))
+            v.id for v in annotation_versions.training_annotations(s, statuses=("submitted",))
         ]
 
 
@@ -682,7 +706,7 @@ def test_exception_inside_session_scope_writes_nothing(engine: Engine, db_path: 
     with session_scope(engine) as s:
         ann = users.get_or_create_user(s, "ann", "annotator")
         image = add_image(s)
-        head = annotations.save_annotation(
+        head = annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 5, 5), ann, "draft", None
         )
     before = {m: count(engine, m) for m in (User, Image, AnnotationVersion, ModelVersion)}
@@ -691,15 +715,17 @@ def test_exception_inside_session_scope_writes_nothing(engine: Engine, db_path: 
         users.get_or_create_user(s, "bob", "annotator")
         new_image = add_image(s, seed=7)
         model_version(s, "v9")
-        annotations.save_annotation(
+        annotation_versions.save_annotation(
             s, image.id, "lung", _box(0, 0, 9, 9), ann, "submitted", head.id
         )
-        annotations.save_annotation(s, new_image.id, "lung", _box(0, 0, 9, 9), ann, "draft", None)
+        annotation_versions.save_annotation(
+            s, new_image.id, "lung", _box(0, 0, 9, 9), ann, "draft", None
+        )
         raise KeyboardInterrupt
 
     assert {m: count(engine, m) for m in before} == before
     with session_scope(engine, write=False) as s:
-        assert annotations.head_version(s, image.id, "lung").id == head.id
+        assert annotation_versions.head_version(s, image.id, "lung").id == head.id
         assert users.get_user(s, "bob") is None
     # The payload file written before the crash is content-addressed: re-adding reuses it.
     with session_scope(engine) as s:

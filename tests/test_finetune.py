@@ -1,14 +1,14 @@
-"""training.finetune end to end on a temporary SQLite database and real COVID-QU-Ex images.
+"""training.finetune end to end on a temporary SQLite database and the bundled samples (real
+COVID-QU-Ex Test images) laid out as a miniature COVID-QU-Ex tree.
 
 Corrections come in through ``services.import_masks`` (the app's import path); the base model is
 a small network whose masks start empty, registered as the active version. Fine-tuning runs a
-few steps at 128 px on one thread with a tiny replay sample from the real Train split.
+few steps at 128 px on one thread with a tiny replay sample from the miniature Train split.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,27 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from covid_qu_ex import SUBSET, build_mini_tree, sample_cases
 
-from database import annotations, model_versions, runs, worklist
+from database import annotation_versions, model_versions, runs, worklist
 from database.session import init_db, session_scope
-from inference.model import ModelConfig, build_model, save_checkpoint
+from inference.model import ModelConfig, build_model, file_sha256, save_checkpoint
 from services.import_masks import import_masks
 from training import finetune as ft
+from training.corrections import split_holdout
+from training.gate import decide
 
-ROOT = Path("/work/shared/data/covid-qu-ex")
-DATA = ROOT / "Infection Segmentation Data"
 REPO = Path(__file__).resolve().parent.parent
-CASES = [  # (class folder, file) from the Train split
-    ("COVID-19", "covid_1.png"),
-    ("COVID-19", "covid_1002.png"),
-    ("COVID-19", "covid_100.png"),
-    ("COVID-19", "covid_1000.png"),
-    ("COVID-19", "covid_1001.png"),
-    ("Normal", "Normal (11766).png"),
-]
+CASES = sample_cases()  # the six bundled samples are the corrections
 SMALL = ModelConfig(input_size=128, decoder_channels=[16, 8, 8, 8, 8])
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="COVID-QU-Ex not available")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,19 +43,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _copy_cases(dest: Path) -> dict[str, Path]:
-    dirs = {"images": ("Infection Segmentation Data", "images"),
-            "lung": ("Lung Masks", "lung masks"),
-            "infection": ("Infection Masks", "infection masks")}
-    out = {}
-    for key, (top, sub) in dirs.items():
-        for cls, name in CASES:
-            src = DATA / top / "Train" / cls / sub / name
-            target = dest / top / "Train" / cls / sub / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)
-        out[key] = dest / top
-    return out
+def _correction_dirs(dest: Path) -> dict[str, Path]:
+    """The samples as a COVID-QU-Ex Train split: the folders ``import_masks`` reads."""
+    root = build_mini_tree(dest, splits=("Train",)) / SUBSET
+    return {"images": root / SUBSET, "lung": root / "Lung Masks",
+            "infection": root / "Infection Masks"}
 
 
 def _empty_mask_model() -> torch.nn.Module:
@@ -90,7 +75,8 @@ def _empty_mask_model() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("finetune")
-    dirs = _copy_cases(tmp / "qu-ex")
+    dirs = _correction_dirs(tmp / "corrections")
+    replay_root = build_mini_tree(tmp / "qu-ex", copies=4, splits=("Train", "Val"))
     url = f"sqlite:///{tmp / 'db' / 'infmap.sqlite'}"
     engine = init_db(url)
     summary = import_masks(engine, dirs["images"], dirs["lung"], dirs["infection"], "ann")
@@ -98,16 +84,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base_path = save_checkpoint(_empty_mask_model(), tmp / "base.pt", meta={"version": "base"})
     with session_scope(engine) as s:
         base = model_versions.register_model_version(s, "base", str(base_path),
-                                           ft.file_sha256(base_path), activate=True)
-        annotation_ids = sorted(v.id for v in annotations.training_annotations(s))
-    return {"tmp": tmp, "url": url, "engine": engine, "base_id": base.id,
+                                           file_sha256(base_path), activate=True)
+        annotation_ids = sorted(v.id for v in annotation_versions.training_annotations(s))
+    return {"tmp": tmp, "url": url, "engine": engine, "base_id": base.id, "data": replay_root,
             "base_path": base_path, "annotation_ids": annotation_ids}
 
 
 def _opts(world: dict, name: str, **kw) -> ft.FinetuneOptions:
     # Ten steps learn some mask in float32 as well as under bf16 (six did under bf16 only).
     defaults = dict(db=world["url"], out=str(world["tmp"] / "models" / f"{name}.pt"),
-                    data=str(ROOT), steps=10, batch_size=4, lr=1e-2, replay_ratio=0.5,
+                    data=str(world["data"]), steps=10, batch_size=4, lr=1e-2, replay_ratio=0.5,
                     replay_limit=8, val_size=6, seed=0, threads=1, progress=False,
                     cache_dir=None)
     defaults.update(kw)
@@ -127,11 +113,11 @@ def test_decide_rule() -> None:
     base = {"corrections": {"score": 0.5}, "val": {"lung_dice": 0.9, "infection_dice_covid": 0.6}}
     better = {"corrections": {"score": 0.6},
               "val": {"lung_dice": 0.895, "infection_dice_covid": 0.6}}
-    assert ft.decide(base, better, 0.01)[0]
-    assert not ft.decide(base, better, 0.001)[0]  # lung Val dropped 0.005 > 0.001
+    assert decide(base, better, 0.01)[0]
+    assert not decide(base, better, 0.001)[0]  # lung Val dropped 0.005 > 0.001
     same = {**better, "corrections": {"score": 0.5}}
-    assert not ft.decide(base, same, 0.01)[0]  # must be strictly better on held-aside
-    assert not ft.decide(base, {**better, "val": None}, 0.01)[0]  # no Val: never automatic
+    assert not decide(base, same, 0.01)[0]  # must be strictly better on held-aside
+    assert not decide(base, {**better, "val": None}, 0.01)[0]  # no Val: never automatic
 
 
 def test_holdout_is_stable_as_corrections_grow() -> None:
@@ -139,10 +125,10 @@ def test_holdout_is_stable_as_corrections_grow() -> None:
         z = np.zeros((4, 4), bool)
         return ft.Correction(i, f"{i:064x}", z.astype(np.uint8), z, z)
 
-    _, held10 = ft.split_holdout([corr(i) for i in range(10)], 0.2, seed=3)
-    _, held50 = ft.split_holdout([corr(i) for i in range(50)], 0.2, seed=3)
+    _, held10 = split_holdout([corr(i) for i in range(10)], 0.2, seed=3)
+    _, held50 = split_holdout([corr(i) for i in range(50)], 0.2, seed=3)
     assert held10 and {c.image_id for c in held10} <= {c.image_id for c in held50}
-    train2, held2 = ft.split_holdout([corr(0), corr(1)], 0.2, seed=0)
+    train2, held2 = split_holdout([corr(0), corr(1)], 0.2, seed=0)
     assert len(train2) == 1 and len(held2) == 1
 
 
@@ -203,7 +189,7 @@ def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> N
 def _spawn(world: dict, name: str, run_id: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "training.finetune", "--db", world["url"],
-           "--out", str(world["tmp"] / "models" / f"{name}.pt"), "--data", str(ROOT),
+           "--out", str(world["tmp"] / "models" / f"{name}.pt"), "--data", str(world["data"]),
            "--steps", "400", "--batch-size", "4", "--replay-limit", "8", "--val-size", "4",
            "--threads", "1", "--run-id", str(run_id), "--no-progress", "--cache-dir", ""]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -277,7 +263,7 @@ def test_worklist_orders_by_uncertainty_of_the_active_version(world: dict) -> No
         model(torch.rand(8, 1, SMALL.input_size, SMALL.input_size) * 4 - 2)
     path = save_checkpoint(model.eval(), world["tmp"] / "random.pt", meta={"version": "random"})
     with scope() as s:
-        row = model_versions.register_model_version(s, "random", str(path), ft.file_sha256(path),
+        row = model_versions.register_model_version(s, "random", str(path), file_sha256(path),
                                           activate=True)
         handle = ModelHandle(row.id, "random", load_checkpoint(path))
         image_ids = [r.image_id for r in worklist.worklist(s)]

@@ -1,4 +1,5 @@
-"""``python -m services.import_masks`` on real COVID-QU-Ex images copied to tmp_path."""
+"""``python -m services.import_masks`` on the bundled samples (real COVID-QU-Ex Test images and
+masks) laid out in the dataset's own folders under tmp_path."""
 
 from __future__ import annotations
 
@@ -8,50 +9,52 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from covid_qu_ex import MASK_DIRS
 from sqlalchemy import func, select
 
-from database import annotations, images
+import settings
+from database import annotation_versions, images
 from database.masks import read_mask_file
 from database.models import AnnotationVersion, Image
 from database.session import init_db, session_scope
+from inference.storage import xray_from_npz_bytes
 from services.import_masks import import_masks, main
 
-DATA = Path("/work/shared/data/covid-qu-ex/Infection Segmentation Data")
-CASES = [  # (class folder, file) from the Test split
+SAMPLES = settings.SAMPLES_DIR
+CASES = [  # (class folder, file) of the bundled samples, laid out as COVID-QU-Ex's Test split
     ("COVID-19", "covid_1579.png"),
     ("COVID-19", "covid_1582.png"),
-    ("Non-COVID", "non_COVID (11905).png"),
-    ("Normal", "Normal (1).png"),
+    ("Non-COVID", "non_covid_11905.png"),
+    ("Normal", "normal_1.png"),
 ]
-NO_INFECTION_MASK = ("COVID-19", "covid_1583.png")  # copied without its infection mask
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="COVID-QU-Ex not available")
+NO_INFECTION_MASK = ("Normal", "normal_10.png")  # copied without its infection mask
 
 
-def _copy(rel_root: str, sub: str, cls: str, name: str, dest: Path) -> Path:
-    src = DATA / rel_root / "Test" / cls / sub / name
-    target = dest / rel_root / "Test" / cls / sub / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)
-    return target
+def _sample_mask(cls: str, name: str, kind: str) -> Path:
+    return SAMPLES / cls / name.replace(".png", f"_{kind}.png")
 
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "qu-ex"
+    images = root / "Infection Segmentation Data"
     for cls, name in [*CASES, NO_INFECTION_MASK]:
-        _copy("Infection Segmentation Data", "images", cls, name, root)
-        _copy("Lung Masks", "lung masks", cls, name, root)
-        if (cls, name) != NO_INFECTION_MASK:
-            _copy("Infection Masks", "infection masks", cls, name, root)
+        for kind, (top, sub) in MASK_DIRS.items():
+            if kind == "infection" and (cls, name) == NO_INFECTION_MASK:
+                continue
+            target = root / top / "Test" / cls / sub / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_sample_mask(cls, name, kind), target)
+        target = images / "Test" / cls / "images" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(SAMPLES / cls / name, target)
     # One lung mask at twice the image size: must be resized back (nearest neighbour).
     big = root / "Lung Masks" / "Test" / "COVID-19" / "lung masks" / CASES[0][1]
     mask = cv2.imread(str(big), cv2.IMREAD_GRAYSCALE)
     cv2.imwrite(str(big), cv2.resize(mask, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST))
     # Not an X-ray, though it has both masks.
-    images = root / "Infection Segmentation Data"
     (images / "Test" / "Normal" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
-    for sub, kind in (("Lung Masks", "lung masks"), ("Infection Masks", "infection masks")):
+    for sub, kind in MASK_DIRS.values():
         shutil.copyfile(
             root / sub / "Test" / "Normal" / kind / CASES[3][1],
             root / sub / "Test" / "Normal" / kind / "broken.png",
@@ -73,8 +76,6 @@ def _versions(engine) -> int:
 def test_import_real_images_then_rerun_is_idempotent(
     dataset: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from inference.storage import xray_from_npz_bytes
-
     engine = init_db(f"sqlite:///{dataset['db']}")
     try:
         summary = import_masks(
@@ -96,13 +97,13 @@ def test_import_real_images_then_rerun_is_idempotent(
                 cls = next(c for c, n in CASES if n == image.display_name)
                 xray = xray_from_npz_bytes(images.read_image_payload(image))
                 assert xray.pixels.shape == (image.height, image.width)
-                for kind, sub in (("lung", "Lung Masks"), ("infection", "Infection Masks")):
-                    head = annotations.head_version(s, image.id, kind)
+                for kind in MASK_DIRS:
+                    head = annotation_versions.head_version(s, image.id, kind)
                     assert head.status == "submitted" and head.author.name == "importer"
                     assert head.parent_id is None
-                    original = DATA / sub / "Test" / cls / f"{kind} masks" / image.display_name
+                    original = _sample_mask(cls, image.display_name, kind)
                     np.testing.assert_array_equal(
-                        annotations.version_mask(head), read_mask_file(str(original))
+                        annotation_versions.version_mask(head), read_mask_file(str(original))
                     )
 
         # Second run through the command line: nothing new.
@@ -128,9 +129,9 @@ def test_import_real_images_then_rerun_is_idempotent(
         assert "1 saved, 7 already present" in capsys.readouterr().out
         with session_scope(engine, write=False) as s:
             image = s.scalar(select(Image).where(Image.display_name == CASES[1][1]))
-            chain = annotations.list_versions(s, image.id, "infection")
+            chain = annotation_versions.list_versions(s, image.id, "infection")
             assert len(chain) == 2 and chain[1].parent_id == chain[0].id
-            assert annotations.version_mask(chain[1]).all()
+            assert annotation_versions.version_mask(chain[1]).all()
     finally:
         engine.dispose()
 
@@ -148,12 +149,13 @@ def test_approved_import_needs_a_radiologist(dataset: dict[str, Path]) -> None:
     assert exit_info.value.code == 2
     assert not dataset["db"].exists()  # refused before opening the database
 
-    pytest.importorskip("inference.loading")
     assert main([*argv, "--role", "radiologist"]) == 0
     engine = init_db(f"sqlite:///{dataset['db']}")
     try:
         with session_scope(engine, write=False) as s:
-            heads = [annotations.head_version(s, i.id, "lung") for i in s.scalars(select(Image))]
+            heads = [
+                annotation_versions.head_version(s, i.id, "lung") for i in s.scalars(select(Image))
+            ]
             assert len(heads) == 5  # lung only: the image without an infection mask counts too
             assert all(h.status == "approved" and h.author.role == "radiologist" for h in heads)
     finally:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from covid_qu_ex import SUBSET, shared_data
 from dicom_samples import dicom_bytes, pydicom_data_file, synthetic_dicom
 from PIL import Image
 from pydicom.encaps import encapsulate
@@ -25,10 +26,6 @@ from inference.loading import XRay, load_xray
 from inference.storage import xray_from_npz_bytes, xray_to_npz_bytes
 from inference.windowing import apply_window
 
-COVID_DIR = Path(
-    "/work/shared/data/covid-qu-ex/Infection Segmentation Data/Infection Segmentation Data"
-    "/Test/COVID-19/images"
-)
 RG1 = ("RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG1_UNCI.dcm", "RG1_J2KI.dcm")
 
 # Regions of the RG1 PA chest (1955 x 1841), chosen on a rendered PNG: (rows, cols).
@@ -47,8 +44,9 @@ def rg1() -> dict[str, XRay]:
 
 @pytest.fixture(scope="module")
 def covid_pngs() -> list[Path]:
-    paths = sorted(COVID_DIR.glob("*.png"))[:3]
-    assert len(paths) == 3, f"COVID-QU-Ex test images missing under {COVID_DIR}"
+    covid_dir = shared_data() / SUBSET / SUBSET / "Test" / "COVID-19" / "images"
+    paths = sorted(covid_dir.glob("*.png"))[:3]
+    assert len(paths) == 3, f"COVID-QU-Ex test images missing under {covid_dir}"
     return paths
 
 

@@ -1,20 +1,20 @@
 """Training pipeline on real COVID-QU-Ex files, kept small enough for 2 CPU cores.
 
-The training/resume test runs ``training.train.main`` on a miniature copy of the dataset's own
-folder layout (symlinks to a few real images per class and split), so the real reader, cache,
-checkpoint and resume code run without decoding the 4,660 Train+Val images first.
+The training/resume test runs ``training.train.main`` on a miniature COVID-QU-Ex tree in the
+dataset's own folder layout built from the bundled samples (real Test images and masks), so the
+real reader, cache, checkpoint and resume code run without the shared data set.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from covid_qu_ex import build_mini_tree, shared_data
 
 from inference.model import CLASS_NAMES, ModelConfig, build_model, load_checkpoint, save_checkpoint
 from training.augment import augment
@@ -23,42 +23,23 @@ from training.loop import cpu_has_native_bf16, normalise
 from training.losses import MultiTaskLoss
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("INFMAP_DATA", REPO.parent / "shared" / "data" / "covid-qu-ex"))
-needs_data = pytest.mark.skipif(
-    not (DATA / SUBSET).is_dir(), reason=f"COVID-QU-Ex not found at {DATA} (set INFMAP_DATA)"
-)
-MASK_DIRS = {"Lung Masks": "lung masks", "Infection Masks": "infection masks"}
-
-
-def make_mini_dataset(dest: Path, per_class: dict[str, int]) -> Path:
-    """Symlink the first ``n`` images per class of each split (with their masks) into
-    ``dest`` in the dataset's own layout; returns the root to pass as ``--data``."""
-    for split, n in per_class.items():
-        for cls in CLASS_NAMES:
-            src_img = DATA / SUBSET / SUBSET / split / cls / "images"
-            for image in sorted(src_img.glob("*.png"))[:n]:
-                pairs = [(image, dest / SUBSET / SUBSET / split / cls / "images" / image.name)]
-                for top, sub in MASK_DIRS.items():
-                    src = DATA / SUBSET / top / split / cls / sub / image.name
-                    pairs.append((src, dest / SUBSET / top / split / cls / sub / image.name))
-                for src, dst in pairs:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    dst.symlink_to(src)
-    return dest
 
 
 @pytest.fixture(scope="module")
 def mini_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mini_dataset(tmp_path_factory.mktemp("mini-covid-qu-ex"),
-                             {"Train": 6, "Val": 4, "Test": 2})
+    """The bundled samples as COVID-QU-Ex: 6 Train, 4 Val and 2 Test images per class."""
+    root = tmp_path_factory.mktemp("mini-covid-qu-ex")
+    for split, copies in (("Train", 3), ("Val", 2), ("Test", 1)):
+        build_mini_tree(root, copies=copies, splits=(split,))
+    return root
 
 
 # ----------------------------------------------------------------------------- data
 
 
-@needs_data
 def test_list_samples_real_layout() -> None:
-    train = list_samples(DATA, "Train")
+    data = shared_data()
+    train = list_samples(data, "Train")
     assert len(train) == 3728
     counts = {c: sum(s.label == i for s in train) for i, c in enumerate(CLASS_NAMES)}
     assert counts == {"COVID-19": 1864, "Non-COVID": 932, "Normal": 932}
@@ -67,12 +48,12 @@ def test_list_samples_real_layout() -> None:
         assert s.lung_mask.name == s.infection_mask.name == s.image.name
         assert s.lung_mask.parent.parent.name == s.class_name
     assert [s.label for s in train] == sorted(s.label for s in train)  # sorted by class
-    assert len(list_samples(DATA, "Val")) == 932
-    assert len(list_samples(DATA, "Test")) == 1166
+    assert len(list_samples(data, "Val")) == 932
+    assert len(list_samples(data, "Test")) == 1166
     # The inner "Infection Segmentation Data" folder is accepted as root too.
-    assert len(list_samples(DATA / SUBSET, "Val")) == 932
+    assert len(list_samples(data / SUBSET, "Val")) == 932
     with pytest.raises(ValueError):
-        list_samples(DATA, "train")
+        list_samples(data, "train")
 
 
 # ----------------------------------------------------------------------------- augment
@@ -127,7 +108,6 @@ def test_augment_keeps_infection_inside_lung() -> None:
 # ----------------------------------------------------------------------------- optimisation
 
 
-@needs_data
 def test_loss_decreases_on_fixed_batch(mini_root: Path) -> None:
     """Plain optimisation on 4 real images at 64x64 must fit them (no augmentation)."""
     torch.manual_seed(0)
@@ -156,7 +136,6 @@ def test_loss_decreases_on_fixed_batch(mini_root: Path) -> None:
 # ----------------------------------------------------------------------------- train.main
 
 
-@needs_data
 def test_train_main_checkpoint_and_resume(
     mini_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -207,15 +186,15 @@ EXPECTED_KEYS = {
 }
 
 
-@needs_data
 def test_evaluate_cli_random_checkpoint(tmp_path: Path, capsys) -> None:
     from training.evaluate import main
 
+    data = build_mini_tree(tmp_path / "qu-ex", copies=2, splits=("Test",))  # 12 images
     torch.manual_seed(0)
     ckpt = save_checkpoint(build_model(), tmp_path / "random.pt", meta={"version": "random"},
                            half=True)
     out = tmp_path / "eval"
-    main(["--data", str(DATA), "--split", "Test", "--checkpoint", str(ckpt), "--out", str(out),
+    main(["--data", str(data), "--split", "Test", "--checkpoint", str(ckpt), "--out", str(out),
           "--limit", "12", "--batch-size", "6", "--cache-dir", ""])
     assert "lung Dice mean / pooled" in capsys.readouterr().out
 
@@ -250,7 +229,6 @@ def test_evaluate_cli_random_checkpoint(tmp_path: Path, capsys) -> None:
     assert len(rows) == 13
 
 
-@needs_data
 def test_evaluate_arrays_in_memory(mini_root: Path) -> None:
     from training.evaluate import evaluate_arrays, predict_arrays
 

@@ -38,56 +38,75 @@ Interruption: SIGTERM/SIGINT or any exception marks the run ``interrupted``/``fa
 this run's checkpoint if it was not registered, and registers nothing. Resuming is re-running:
 a run takes minutes and is deterministic for the same database contents and seed, so no
 half-run optimiser state is kept.
+
+The parts live beside this orchestration: ``training.corrections`` (reading the corrections,
+the hold-out split, lineage hash), ``training.replay`` (COVID-QU-Ex replay and Val subsets),
+``training.gate`` (metrics and the activation rule, pluggable: ``finetune(..., gate=...)``) and
+``training.run_control`` (the run row, progress, signals, the app's background launcher).
+This module is over 400 lines because it holds the option set and its CLI (one place for both)
+and the run, which reads top to bottom as the steps above.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import settings
-from database import annotations, images, model_versions, runs
+from database import model_versions, runs
 from database.session import init_db, session_scope
 from inference.model import (
     CLASS_NAMES,
+    InfMapNet,
     LoadedModel,
     file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
-from inference.preprocess import Letterbox, to_float_pixels
-from training.data import SplitArrays, list_samples, load_split, read_gray, to_tensors
-from training.evaluate import predict_arrays
+from training.corrections import (
+    Correction,
+    as_split,
+    data_hash,
+    fill_missing_kinds,
+    load_corrections,
+    split_holdout,
+)
+from training.data import SplitArrays, to_tensors
+from training.gate import ActivationGate, ForgettingGate, evaluate
 from training.loop import NATIVE_BF16, lr_at, train_step
-from training.losses import NO_LABEL, MultiTaskLoss
-from training.metrics import dice_iou_per_image
+from training.losses import MultiTaskLoss
+from training.replay import load_replay, load_val
+from training.run_control import (
+    FinetuneError,
+    Interrupted,
+    Progress,
+    finish_failed,
+    signals_blocked,
+    signals_raise,
+    start_run,
+)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "covid-qu-ex"
-KINDS = ("lung", "infection")
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT arrived: stop, mark the run interrupted, register nothing."""
-
-
-class FinetuneError(RuntimeError):
-    """The run cannot start or finish (no corrections, no base model, ...); a human message."""
+__all__ = [  # the public API (callers import these from here)
+    "Correction",
+    "FinetuneError",
+    "FinetuneOptions",
+    "FinetuneResult",
+    "Interrupted",
+    "finetune",
+    "main",
+    "parse_args",
+]
 
 
 @dataclass
@@ -95,7 +114,7 @@ class FinetuneOptions:
     db: str
     out: str
     base: str | None = None  # checkpoint path; None: the active model version's checkpoint
-    data: str | None = None  # COVID-QU-Ex root for replay and Val; None: DEFAULT_DATA if present
+    data: str | None = None  # COVID-QU-Ex root for replay and Val; None: the setting, if present
     steps: int = 150
     batch_size: int = 16
     lr: float = 5e-4
@@ -121,19 +140,6 @@ class FinetuneOptions:
 
 
 @dataclass
-class Correction:
-    """One study's training target on the network grid."""
-
-    image_id: int
-    image_sha256: str
-    image: np.ndarray  # uint8 (S, S), letterboxed
-    lung: np.ndarray  # bool (S, S)
-    infection: np.ndarray  # bool (S, S)
-    human: dict[str, int] = field(default_factory=dict)  # kind -> annotation version id
-    mask_sha256: dict[str, str] = field(default_factory=dict)  # kind -> sha of the stored PNG
-
-
-@dataclass
 class FinetuneResult:
     run_id: int
     model_version_id: int
@@ -147,274 +153,26 @@ class FinetuneResult:
     total_seconds: float
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- orchestration
 
 
-def letterbox_uint8(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    image = to_float_pixels(pixels)
-    box = Letterbox.fit(image.shape[0], image.shape[1], size)
-    square = box.apply(image)
-    return np.clip(np.rint(square * 255.0), 0, 255).astype(np.uint8), box
-
-
-def letterbox_mask(mask: np.ndarray, box: Letterbox) -> np.ndarray:
-    """A bool mask on the original grid -> bool mask on the square grid (area > half)."""
-    if mask.shape != (box.orig_h, box.orig_w):
-        from database.masks import resize_mask
-
-        mask = resize_mask(mask, box.orig_h, box.orig_w)
-    return box.apply(mask.astype(np.float32)) > 0.5
-
-
-def holdout_key(image_sha256: str, seed: int) -> float:
-    """A stable pseudo-random number in [0, 1) per study and seed."""
-    digest = hashlib.sha256(f"{seed}:{image_sha256}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_holdout(
-    corrections: Sequence[Correction], fraction: float, seed: int
-) -> tuple[list[Correction], list[Correction]]:
-    """(train, held aside): studies whose key < fraction are held aside; >= 1 each side."""
-    if len(corrections) < 2:
-        raise FinetuneError(
-            f"need corrections on at least 2 studies (1 to train, 1 to check), got "
-            f"{len(corrections)}"
-        )
-    ordered = sorted(corrections, key=lambda c: holdout_key(c.image_sha256, seed))
-    n_hold = sum(holdout_key(c.image_sha256, seed) < fraction for c in ordered)
-    n_hold = min(max(1, n_hold), len(ordered) - 1)
-    held, train = ordered[:n_hold], ordered[n_hold:]
-    return sorted(train, key=lambda c: c.image_id), sorted(held, key=lambda c: c.image_id)
-
-
-def as_split(corrections: Sequence[Correction]) -> SplitArrays:
-    return SplitArrays(
-        images=np.stack([c.image for c in corrections]),
-        lungs=np.stack([c.lung for c in corrections]).astype(np.uint8),
-        infections=np.stack([c.infection for c in corrections]).astype(np.uint8),
-        labels=np.full(len(corrections), NO_LABEL, np.int64),
-        names=[f"image-{c.image_id}" for c in corrections],
-    )
-
-
-def read_samples(root: str | Path, split: str, size: int, pick: Callable[[list], list]
-                 ) -> SplitArrays:
-    """Decode only the samples ``pick`` chooses from the split's sorted sample list."""
-    samples = pick(list_samples(root, split))
-    if not samples:
-        raise FinetuneError(f"no {split} samples selected")
-    return SplitArrays(
-        images=np.stack([read_gray(s.image, size) for s in samples]),
-        lungs=np.stack([read_gray(s.lung_mask, size) > 127 for s in samples]).astype(np.uint8),
-        infections=np.stack([read_gray(s.infection_mask, size) > 127
-                             for s in samples]).astype(np.uint8),
-        labels=np.array([s.label for s in samples], np.int64),
-        names=[s.image.name for s in samples],
-    )
-
-
-def load_replay(opts: FinetuneOptions, size: int) -> SplitArrays:
-    classes = {CLASS_NAMES.index(c) for c in opts.replay_classes}
-    rng = np.random.default_rng(opts.seed + 1)
-    if opts.replay_limit:
-        def pick(samples: list) -> list:
-            pool = [s for s in samples if s.label in classes]
-            idx = np.sort(rng.permutation(len(pool))[: opts.replay_limit])
-            return [pool[i] for i in idx]
-
-        return read_samples(opts.data, "Train", size, pick)
-    data = load_split(opts.data, "Train", size, opts.cache_dir)
-    return data.subset(np.flatnonzero(np.isin(data.labels, sorted(classes))))
-
-
-def load_val(opts: FinetuneOptions, size: int) -> SplitArrays:
-    """A fixed subset of Val: ``val_size`` images by a seeded permutation (same for every run
-    with the same seed), minus ``val_exclude``."""
-    exclude = set(opts.val_exclude)
-
-    def pick(samples: list) -> list:
-        pool = [s for s in samples if s.image.name not in exclude]
-        idx = np.sort(np.random.default_rng(opts.seed + 2).permutation(len(pool))[: opts.val_size])
-        return [pool[i] for i in idx]
-
-    return read_samples(opts.data, "Val", size, pick)
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def correction_metrics(
-    model: LoadedModel, held: Sequence[Correction], bf16: bool = False
-) -> dict[str, Any]:
-    """Per-image mean lung and infection Dice on held-aside corrections, counting only the
-    human-drawn kind of each study (the model-filled kind would flatter the base)."""
-    arrays = as_split(held)
-    pred = predict_arrays(model, arrays, bf16=bf16)
-    out: dict[str, Any] = {"n_images": len(held)}
-    for kind, p, g in (("lung", pred.lungs, arrays.lungs), ("infection", pred.infections,
-                                                             arrays.infections)):
-        rows = [i for i, c in enumerate(held) if kind in c.human]
-        out[f"n_{kind}"] = len(rows)
-        out[f"{kind}_dice"] = (float(dice_iou_per_image(p[rows], g[rows] > 0)[0].mean())
-                               if rows else None)
-    present = [out[f"{k}_dice"] for k in KINDS if out[f"{k}_dice"] is not None]
-    out["score"] = float(np.mean(present)) if present else None
-    return out
-
-
-def val_metrics(model: LoadedModel, val: SplitArrays, bf16: bool = False) -> dict[str, Any]:
-    pred = predict_arrays(model, val, bf16=bf16)
-    covid = val.labels == CLASS_NAMES.index("COVID-19")
-    lung = dice_iou_per_image(pred.lungs, val.lungs > 0)[0]
-    inf = dice_iou_per_image(pred.infections[covid], val.infections[covid] > 0)[0]
-    return {
-        "n_images": len(val),
-        "n_covid": int(covid.sum()),
-        "lung_dice": float(lung.mean()),
-        "infection_dice_covid": float(inf.mean()) if covid.any() else None,
-        "accuracy": float((pred.predicted == val.labels).mean()),
-    }
-
-
-def decide(
-    base: dict[str, Any], new: dict[str, Any], tolerance: float
-) -> tuple[bool, str]:
-    """The activation rule. Better on the held-aside corrections (mean of the lung and
-    infection Dice that exist) and, on Val, neither lung nor infection Dice lower than the
-    base's by more than ``tolerance``."""
-    b, n = base["corrections"]["score"], new["corrections"]["score"]
-    if b is None or n is None:
-        return False, "no held-aside corrections to compare on"
-    if not n > b:
-        return False, f"not better on held-aside corrections ({n:.4f} <= base {b:.4f})"
-    if base.get("val") is None or new.get("val") is None:
-        return False, "no COVID-QU-Ex Val to check against forgetting (--data); activate by hand"
-    for key in ("lung_dice", "infection_dice_covid"):
-        bv, nv = base["val"].get(key), new["val"].get(key)
-        if bv is not None and nv is not None and nv < bv - tolerance:
-            return False, f"worse on Val {key}: {nv:.4f} < base {bv:.4f} - {tolerance}"
-    return True, (f"better on held-aside corrections ({n:.4f} > base {b:.4f}) and within "
-                  f"{tolerance} of the base on Val")
-
-
-def data_hash(train: Sequence[Correction], held: Sequence[Correction],
-              replay: dict[str, Any]) -> str:
-    """sha256 of what the model was trained and judged on: per study the payload hash, the
-    annotation version ids and mask hashes (or 'model' for a model-filled kind), which side of
-    the split it is on, and the replay settings."""
-    rows = []
-    for side, group in (("train", train), ("held", held)):
-        for c in group:
-            rows.append([side, c.image_sha256,
-                         {k: [c.human.get(k), c.mask_sha256.get(k, "model")] for k in KINDS}])
-    blob = json.dumps({"corrections": sorted(rows, key=lambda r: (r[0], r[1])),
-                       "replay": replay}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- run bookkeeping
-
-
-@contextmanager
-def signals_raise() -> Iterator[None]:
-    """Turn SIGTERM/SIGINT into ``Interrupted`` for the duration (main thread only)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class Progress:
-    """tqdm on the terminal plus throttled writes of (fraction, message) to the run row."""
-
-    def __init__(self, engine: Any, run_id: int, show: bool, min_interval: float = 1.0) -> None:
-        self.engine, self.run_id, self.show = engine, run_id, show
-        self.min_interval = min_interval
-        self._last = 0.0
-
-    def update(self, fraction: float, message: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last < self.min_interval:
-            return
-        self._last = now
-        try:
-            with session_scope(self.engine) as s:
-                runs.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
-        except ValueError as exc:  # someone marked the run finished (the app's stale-run button)
-            raise Interrupted(f"run marked finished elsewhere: {exc}") from exc
-        except Exception as exc:  # a busy database must not kill the run; the next one retries
-            if force:
-                raise
-            print(f"progress not recorded: {exc}", file=sys.stderr)
-
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=not self.show, mininterval=2, leave=False,
-                    file=sys.stderr)
-
-
-def _start_run(engine: Any, opts: FinetuneOptions) -> int:
-    """Adopt the queued run the app created (``--run-id``) or create one; mark it running."""
-    args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
-    with session_scope(engine) as s:
-        if opts.run_id is not None:
-            run = runs.get_run(s, opts.run_id)
-            if run is None:
-                raise FinetuneError(f"there is no fine-tune run {opts.run_id}")
-            if run.status != "queued":
-                raise FinetuneError(f"fine-tune run {opts.run_id} is already {run.status}; "
-                                    "start a new run to try again")
-        else:
-            run = runs.create_run(s, args)
-        runs.update_run_progress(s, run.id, 0.0, "starting", pid=os.getpid())
-        return int(run.id)
-
-
-def _finish_failed(engine: Any, run_id: int, status: str, message: str) -> None:
-    try:
-        with session_scope(engine) as s:
-            run = runs.get_run(s, run_id)
-            if run is not None and run.status not in runs.FINISHED_RUN_STATUSES:
-                runs.finish_run(s, run_id, status, message=message[:2000])
-    except Exception as exc:  # the database itself may be what failed
-        print(f"could not mark run {run_id} {status}: {exc}", file=sys.stderr)
-
-
-@contextmanager
-def signals_blocked() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT back (delivered on exit) so a commit and the bookkeeping that
-    follows it happen together."""
-    sigs = {signal.SIGTERM, signal.SIGINT}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def finetune(opts: FinetuneOptions, engine: Any = None) -> FinetuneResult:
-    """Run one fine-tuning; see the module docstring. Raises ``FinetuneError`` for a run that
-    cannot proceed (the run row says why), ``Interrupted`` on SIGTERM/SIGINT."""
+def finetune(
+    opts: FinetuneOptions, engine: Any = None, gate: ActivationGate | None = None
+) -> FinetuneResult:
+    """Run one fine-tuning; see the module docstring. ``gate`` decides activation (default
+    ``ForgettingGate(opts.tolerance)``). Raises ``FinetuneError`` for a run that cannot proceed
+    (the run row says why), ``Interrupted`` on SIGTERM/SIGINT."""
+    rule: ActivationGate = gate if gate is not None else ForgettingGate(opts.tolerance)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     own_engine = engine is None
     engine = engine if engine is not None else init_db(opts.db)
     state: dict[str, Any] = {"registered": False, "checkpoint_written": None}
-    run_id = _start_run(engine, opts)
+    args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
+    run_id = start_run(engine, opts.run_id, args)
     try:
         with signals_raise():
-            return _finetune(opts, engine, run_id, state)
+            return _finetune(opts, engine, run_id, state, rule)
     except BaseException as exc:
         with signals_blocked():
             if not state["registered"]:
@@ -423,10 +181,10 @@ def finetune(opts: FinetuneOptions, engine: Any = None) -> FinetuneResult:
                     Path(written).unlink(missing_ok=True)
                     Path(written + ".tmp").unlink(missing_ok=True)
                 if isinstance(exc, Interrupted | KeyboardInterrupt):
-                    _finish_failed(engine, run_id, "interrupted", f"interrupted ({exc or 'SIGINT'})"
+                    finish_failed(engine, run_id, "interrupted", f"interrupted ({exc or 'SIGINT'})"
                                    "; nothing was registered. Start a new run to try again.")
                 else:
-                    _finish_failed(engine, run_id, "failed", f"{type(exc).__name__}: {exc}")
+                    finish_failed(engine, run_id, "failed", f"{type(exc).__name__}: {exc}")
         if state["registered"] and isinstance(exc, Interrupted | KeyboardInterrupt):
             return state["result"]  # the signal came after the run had completed
         raise
@@ -451,42 +209,6 @@ def _resolve_base(s: Any, opts: FinetuneOptions) -> tuple[Path, Any]:
     return Path(active.checkpoint_path), active
 
 
-def _load_corrections(s: Any, opts: FinetuneOptions, size: int) -> list[Correction]:
-    from database.masks import png_to_mask
-    from inference.storage import xray_from_npz_bytes
-
-    by_image: dict[int, dict[str, Any]] = {}
-    for version in annotations.training_annotations(s, opts.statuses):
-        by_image.setdefault(version.image_id, {})[version.kind] = version
-    corrections = []
-    for image_id, versions in sorted(by_image.items()):
-        image = next(iter(versions.values())).image
-        xray = xray_from_npz_bytes(images.read_image_payload(image))
-        square, box = letterbox_uint8(xray.pixels, size)
-        c = Correction(image_id=image_id, image_sha256=image.sha256, image=square,
-                       lung=np.zeros((size, size), bool), infection=np.zeros((size, size), bool))
-        for kind, version in versions.items():
-            setattr(c, kind, letterbox_mask(png_to_mask(version.mask_png), box))
-            c.human[kind] = int(version.id)
-            c.mask_sha256[kind] = hashlib.sha256(version.mask_png).hexdigest()
-        corrections.append(c)
-    return corrections
-
-
-def fill_missing_kinds(corrections: Sequence[Correction], base: LoadedModel) -> int:
-    """Give each study the base model's own mask for a kind nobody corrected; keep infection
-    inside the lungs. Returns how many masks were filled in."""
-    todo = [c for c in corrections if len(c.human) < len(KINDS)]
-    if todo:
-        pred = predict_arrays(base, as_split(todo))
-        for c, lung, inf in zip(todo, pred.lungs, pred.infections, strict=True):
-            if "lung" not in c.human:
-                c.lung = lung | c.infection  # the human infection lies inside the lungs
-            if "infection" not in c.human:
-                c.infection = inf & c.lung
-    return sum(len(KINDS) - len(c.human) for c in corrections)
-
-
 def _batches(n: int, per_batch: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """Endless batches of ``per_batch`` indices of ``range(n)``, every index once per pass."""
     order = np.empty(0, np.int64)
@@ -506,40 +228,15 @@ def _round_to_half(model: torch.nn.Module) -> None:
                 t.copy_(t.half().float())
 
 
-def _finetune(
-    opts: FinetuneOptions, engine: Any, run_id: int, state: dict[str, Any]
-) -> FinetuneResult:
-    t_start = time.monotonic()
-    progress = Progress(engine, run_id, opts.progress)
-    progress.update(0.01, "loading the base model and the corrections", force=True)
-    out = Path(opts.out).expanduser().resolve()
-    with session_scope(engine, write=False) as s:
-        base_path, base_row = _resolve_base(s, opts)
-        if out == base_path or any(Path(v.checkpoint_path).resolve() == out
-                                   for v in model_versions.list_model_versions(s)):
-            raise FinetuneError(f"{out} is a registered model's checkpoint; choose a new --out")
-        base_version_id = int(base_row.id) if base_row is not None else None
-        base_version = base_row.version if base_row is not None else None
-        base = load_checkpoint(base_path)
-        size = base.config.input_size
-        corrections = _load_corrections(s, opts, size)
-    if not corrections:
-        raise FinetuneError("there are no submitted or approved corrections to learn from")
-    filled = fill_missing_kinds(corrections, base)
-    train_set, held = split_holdout(corrections, opts.holdout, opts.seed)
-
-    data_root = opts.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
-    use_replay = bool(data_root) and opts.replay_ratio > 0
-    opts_data = FinetuneOptions(**{**asdict(opts), "data": data_root})
-    progress.update(0.03, "loading COVID-QU-Ex replay and Val images", force=True)
-    replay = load_replay(opts_data, size) if use_replay else None
-    val = load_val(opts_data, size) if data_root and opts.val_size else None
-
-    progress.update(0.06, "evaluating the base model", force=True)
-    base_metrics = {"corrections": correction_metrics(base, held),
-                    "val": val_metrics(base, val) if val is not None else None}
-
-    # ---- fine-tuning
+def _train(
+    base: LoadedModel,
+    corr_arrays: SplitArrays,
+    replay: SplitArrays | None,
+    opts: FinetuneOptions,
+    progress: Progress,
+) -> tuple[InfMapNet, int, float]:
+    """The training loop on the base's network: corrections mixed with replayed Train images.
+    Returns (model in eval mode with float16-rounded weights, replayed per batch, seconds)."""
     model, config = base.model, base.config
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -551,16 +248,16 @@ def _finetune(
     rng = np.random.default_rng(opts.seed)
     n_replay = min(opts.batch_size - 1, round(opts.batch_size * opts.replay_ratio)) \
         if replay is not None else 0
-    corr_arrays = as_split(train_set)
-    corr_batches = _batches(len(train_set), opts.batch_size - n_replay, rng)
-    replay_batches = _batches(len(replay), n_replay, rng) if n_replay else None
+    corr_batches = _batches(len(corr_arrays), opts.batch_size - n_replay, rng)
+    replay_batches = (_batches(len(replay), n_replay, rng)
+                      if replay is not None and n_replay else None)
     warmup = max(1, opts.steps // 10)
     running: dict[str, float] = {}
     t_train = time.monotonic()
     bar = progress.bar(opts.steps, "fine-tune")
     for step in range(opts.steps):
         img, masks, labels = to_tensors(corr_arrays, next(corr_batches))
-        if replay_batches is not None:
+        if replay is not None and replay_batches is not None:
             r_img, r_masks, r_labels = to_tensors(replay, next(replay_batches))
             img, masks = torch.cat([img, r_img]), torch.cat([masks, r_masks])
             labels = torch.cat([labels, r_labels])
@@ -581,11 +278,48 @@ def _finetune(
     model = model.to(memory_format=torch.contiguous_format).eval()
     _round_to_half(model)
 
+    return model, n_replay, train_seconds
+
+
+def _finetune(
+    opts: FinetuneOptions, engine: Any, run_id: int, state: dict[str, Any], gate: ActivationGate
+) -> FinetuneResult:
+    t_start = time.monotonic()
+    progress = Progress(engine, run_id, opts.progress)
+    progress.update(0.01, "loading the base model and the corrections", force=True)
+    out = Path(opts.out).expanduser().resolve()
+    with session_scope(engine, write=False) as s:
+        base_path, base_row = _resolve_base(s, opts)
+        if out == base_path or any(Path(v.checkpoint_path).resolve() == out
+                                   for v in model_versions.list_model_versions(s)):
+            raise FinetuneError(f"{out} is a registered model's checkpoint; choose a new --out")
+        base_version_id = int(base_row.id) if base_row is not None else None
+        base_version = base_row.version if base_row is not None else None
+        base = load_checkpoint(base_path)
+        size = base.config.input_size
+        corrections = load_corrections(s, opts.statuses, size)
+    if not corrections:
+        raise FinetuneError("there are no submitted or approved corrections to learn from")
+    filled = fill_missing_kinds(corrections, base)
+    train_set, held = split_holdout(corrections, opts.holdout, opts.seed)
+
+    default_data = settings.shared_data_dir()
+    data_root = opts.data or (str(default_data) if default_data.is_dir() else None)
+    use_replay = bool(data_root) and opts.replay_ratio > 0
+    opts_data = FinetuneOptions(**{**asdict(opts), "data": data_root})
+    progress.update(0.03, "loading COVID-QU-Ex replay and Val images", force=True)
+    replay = load_replay(opts_data, size) if use_replay else None
+    val = load_val(opts_data, size) if data_root and opts.val_size else None
+
+    progress.update(0.06, "evaluating the base model", force=True)
+    base_metrics = evaluate(base, held, val)
+
+    model, n_replay, train_seconds = _train(base, as_split(train_set), replay, opts, progress)
+
     progress.update(0.87, "evaluating the fine-tuned model", force=True)
-    new = LoadedModel(model=model, config=config, meta={}, path=None, sha256=None)
-    new_metrics = {"corrections": correction_metrics(new, held),
-                   "val": val_metrics(new, val) if val is not None else None}
-    accept, reason = decide(base_metrics, new_metrics, opts.tolerance)
+    new = LoadedModel(model=model, config=base.config, meta={}, path=None, sha256=None)
+    new_metrics = evaluate(new, held, val)
+    accept, reason = gate.decide(base_metrics, new_metrics)
     if opts.activate == "never":
         accept, reason = False, f"not activated (--activate never); rule says: {reason}"
 
@@ -626,8 +360,7 @@ def _finetune(
         "val": new_metrics["val"],
         "base": base_metrics,
         "decision": {"activate": accept, "reason": reason, "tolerance": opts.tolerance,
-                     "rule": "held-aside score > base and Val lung/infection Dice >= base - "
-                             "tolerance"},
+                     "rule": gate.rule},
         "train_seconds": round(train_seconds, 1),
     }
     progress.update(0.95, "saving the checkpoint", force=True)
@@ -680,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--base", default=None, help="checkpoint to start from (default: the active "
                    "model version's)")
     p.add_argument("--data", default=None, help="COVID-QU-Ex root for replay and Val (default: "
-                   f"{DEFAULT_DATA} if present)")
+                   f"{settings.shared_data_dir()} if present, INFMAP_DATA)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -750,41 +483,3 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-# ----------------------------------------------------------------------------- background runs
-
-
-def launch_background(
-    db_url: str, run_id: int, out: str | Path, extra_args: Sequence[str] = (),
-    log_path: str | Path | None = None,
-) -> Any:
-    """Start ``python -m training.finetune`` detached (own session, output to ``log_path``) for
-    a queued run row; returns the ``Popen``. The caller never waits: progress is in the row."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "training.finetune", "--db", db_url, "--out", str(out),
-           "--run-id", str(run_id), *extra_args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
-    log = open(log_path or os.devnull, "ab")  # noqa: SIM115 - handed to the child
-    try:
-        return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        log.close()  # the child has its own copy of the descriptor
-
-
-def process_alive(pid: int | None) -> bool:
-    """Whether a process with this id is running (a zombie counts as gone)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True

@@ -7,6 +7,8 @@ project's SQLite settings is made from ``sqlalchemy.url`` / ``DATABASE_URL``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 import settings
@@ -17,7 +19,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _configure(**kwargs: object) -> None:
+def _configure(**kwargs: Any) -> None:
     context.configure(
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite ALTER TABLE support for later revisions

@@ -9,7 +9,6 @@ unless ``INFMAP_REQUIRE_BROWSER=1`` (CI) where that is a failure. Screenshots of
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,8 @@ from browser_helpers import (
     wait_idle,
 )
 
+import settings
+
 SHOTS = REPO / "test-output" / "browser"
 VIEWPORT = {"width": 1600, "height": 1000}
 TIMEOUT_MS = 60_000  # first model load + sample import on a busy 2-core machine
@@ -34,7 +35,7 @@ def require_chromium() -> None:
     if CHROMIUM.exists():
         return
     reason = f"{CHROMIUM} is missing (apt-get install chromium)"
-    if os.environ.get("INFMAP_REQUIRE_BROWSER") == "1":
+    if settings.require_browser():
         pytest.fail(f"INFMAP_REQUIRE_BROWSER=1 but {reason}")
     pytest.skip(reason)
 

@@ -15,7 +15,7 @@ from browser_helpers import AppServer, go_to, sign_in, wait_idle
 from dicom_samples import pydicom_data_file
 from playwright.sync_api import Locator, Page, expect
 
-from database import annotations, model_versions, predictions, worklist
+from database import annotation_versions, model_versions, predictions, worklist
 from database.session import make_engine, session_scope
 
 pytestmark = pytest.mark.browser
@@ -39,7 +39,8 @@ def versions(server: AppServer, image: int, kind: str) -> list[tuple[object, np.
     try:
         with session_scope(engine, write=False) as s:
             return [
-                (v, annotations.version_mask(v)) for v in annotations.list_versions(s, image, kind)
+                (v, annotation_versions.version_mask(v))
+                for v in annotation_versions.list_versions(s, image, kind)
             ]
     finally:
         engine.dispose()
