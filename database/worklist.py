@@ -47,6 +47,7 @@ class WorklistRow:
     status: str  # new | corrected | submitted | approved | returned
     last_author: str | None
     last_touched: datetime | None
+    out_of_domain: float | None = None  # how far from the training data; not computed yet
 
 
 def derive_status(newest_status: str | None) -> str:

@@ -16,13 +16,11 @@ from pathlib import Path
 from database import images, model_versions
 from database.models import ModelVersion
 from inference.model import CheckpointError, LoadedModel, file_sha256
-from services.ingest import IngestOutcome, ModelHandle, SessionFactory, ingest_file
+from services.datastore import FolderSource, ingest_source
+from services.ingest import IngestOutcome, ModelHandle, SessionFactory
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-MASK_WORDS = ("mask",)  # folders or files holding masks, not X-rays
-MASK_SUFFIXES = ("_lung", "_infection")  # samples/<class>/<name>_lung.png etc. (samples/README)
 
 
 @dataclass
@@ -73,34 +71,13 @@ def register_checkpoint(
 
 def sample_files(samples_dir: Path) -> list[Path]:
     """X-ray files under ``samples_dir``, skipping their masks (sorted, deterministic)."""
-    if not samples_dir.is_dir():
-        return []
-    found = []
-    for path in sorted(samples_dir.rglob("*")):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        parts = [p.lower() for p in path.relative_to(samples_dir).parts]
-        if any(word in part for part in parts for word in MASK_WORDS):
-            continue
-        if path.stem.lower().endswith(MASK_SUFFIXES):
-            continue
-        found.append(path)
-    return found
-
-
-def sample_display_name(samples_dir: Path, path: Path) -> str:
-    return path.relative_to(samples_dir).as_posix()
+    return FolderSource(samples_dir).files()
 
 
 def import_samples(
     scope: SessionFactory, samples_dir: Path, models: list[ModelHandle]
 ) -> list[IngestOutcome]:
-    return [
-        ingest_file(
-            scope, path.read_bytes(), sample_display_name(samples_dir, path), models, "sample"
-        )
-        for path in sample_files(samples_dir)
-    ]
+    return ingest_source(scope, FolderSource(samples_dir, source="sample"), models)
 
 
 def bootstrap(

@@ -26,6 +26,7 @@ from inference.severity import SCALE_NAME, severity
 from inference.storage import xray_from_npz_bytes
 from services.ingest import ModelHandle, SessionFactory, ensure_prediction
 from services.masks import dice
+from services.next_study import First, MostUncertain, NextStudyStrategy, ReviewQueue
 from settings import MASK_KINDS as MASK_KINDS  # re-exported for the pages
 
 KIND_LABELS = {"lung": "Lung mask", "infection": "Infection mask"}
@@ -478,24 +479,24 @@ def worklist_records(
     return records
 
 
-# Per role, the queues "Next study" walks in order: (status, order). Radiologists get the
+# Per role, the strategy "Next study" follows (services.next_study): radiologists get the
 # submitted work waiting for their approval first; annotators new studies, most uncertain first.
-NEXT_STUDY_QUEUES: dict[str | None, tuple[tuple[str, str], ...]] = {
-    "radiologist": (("submitted", "oldest"), ("new", "uncertainty"), ("returned", "oldest")),
-    None: (("new", "uncertainty"), ("returned", "oldest"), ("submitted", "oldest")),
+NEXT_STUDY: dict[str | None, NextStudyStrategy] = {
+    "radiologist": First((ReviewQueue("submitted"), MostUncertain("new"), ReviewQueue("returned"))),
+    None: First((MostUncertain("new"), ReviewQueue("returned"), ReviewQueue("submitted"))),
 }
 
 
 def next_to_review(
-    scope: SessionFactory, exclude: Sequence[int] = (), role: str | None = None
+    scope: SessionFactory,
+    exclude: Sequence[int] = (),
+    role: str | None = None,
+    strategy: NextStudyStrategy | None = None,
 ) -> int | None:
-    """The next study for ``role`` to look at (NEXT_STUDY_QUEUES), skipping ``exclude``."""
-    queues = NEXT_STUDY_QUEUES.get(role, NEXT_STUDY_QUEUES[None])
+    """The next study to look at by ``strategy`` (default: ``role``'s, see NEXT_STUDY),
+    skipping ``exclude``."""
+    chosen = strategy if strategy is not None else NEXT_STUDY.get(role, NEXT_STUDY[None])
     with scope(write=False) as session:
-        for status, order in queues:
-            row = worklist_queries.next_to_review(
-                session, by=order, status=status, exclude=exclude
-            )
-            if row is not None:
-                return row.image_id
-    return None
+        rows = worklist_queries.worklist(session)
+    row = chosen.choose(rows, exclude)
+    return None if row is None else row.image_id

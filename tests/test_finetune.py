@@ -90,6 +90,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "base_path": base_path, "annotation_ids": annotation_ids}
 
 
+class RefuseGate:
+    rule = "never (test)"
+
+    def decide(self, base: dict, new: dict) -> tuple[bool, str]:
+        assert base["corrections"]["n_images"] == new["corrections"]["n_images"] > 0
+        return False, "refused by the test gate"
+
+
 def _opts(world: dict, name: str, **kw) -> ft.FinetuneOptions:
     # Ten steps learn some mask in float32 as well as under bf16 (six did under bf16 only).
     defaults = dict(db=world["url"], out=str(world["tmp"] / "models" / f"{name}.pt"),
@@ -182,8 +190,11 @@ def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> N
         run = runs.list_runs(s, limit=1)[0]
         assert run.status == "failed" and "injected failure" in run.message
         assert run.model_version_id is None
-    ok = ft.finetune(_opts(world, "fails"), engine=world["engine"])
+    # The rerun succeeds; a plugged-in gate decides activation and is recorded with the metrics.
+    ok = ft.finetune(_opts(world, "fails"), engine=world["engine"], gate=RefuseGate())
     assert Path(ok.checkpoint).is_file() and ok.model_version_id not in before
+    assert not ok.activated and ok.decision == "refused by the test gate"
+    assert ok.metrics["decision"]["rule"] == RefuseGate.rule
 
 
 def _spawn(world: dict, name: str, run_id: int) -> subprocess.Popen:

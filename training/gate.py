@@ -57,12 +57,15 @@ def val_metrics(model: LoadedModel, val: SplitArrays, bf16: bool = False) -> dic
     pred = predict_arrays(model, val, bf16=bf16)
     covid = val.labels == CLASS_NAMES.index("COVID-19")
     lung = dice_iou_per_image(pred.lungs, val.lungs > 0)[0]
-    inf = dice_iou_per_image(pred.infections[covid], val.infections[covid] > 0)[0]
+    infection = None
+    if covid.any():  # a small seeded subset may hold no COVID-19 image
+        inf = dice_iou_per_image(pred.infections[covid], val.infections[covid] > 0)[0]
+        infection = float(inf.mean())
     return {
         "n_images": len(val),
         "n_covid": int(covid.sum()),
         "lung_dice": float(lung.mean()),
-        "infection_dice_covid": float(inf.mean()) if covid.any() else None,
+        "infection_dice_covid": infection,
         "accuracy": float((pred.predicted == val.labels).mean()),
     }
 
