@@ -12,7 +12,7 @@ Environment variables (all optional):
                           (default ``../shared/data/covid-qu-ex`` beside the repository)
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
-- ``INFMAP_ID_SALT``      salt of the hashed patient ID (read by ``inference.deid``)
+- ``INFMAP_ID_SALT``      salt of the hashed patient ID (``inference.deid``)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
 - ``STREAMLIT_SERVER_MAX_UPLOAD_SIZE``  Streamlit's own override of ``server.maxUploadSize`` in
@@ -94,6 +94,14 @@ def require_data() -> bool:
 
 def require_browser() -> bool:
     return _flag("INFMAP_REQUIRE_BROWSER")
+
+
+DEV_ID_SALT = "infmap-dev-only-salt-set-INFMAP_ID_SALT-in-production"
+
+
+def id_salt() -> str:
+    """``INFMAP_ID_SALT``; the built-in default is for development only (``inference.deid``)."""
+    return _env("INFMAP_ID_SALT") or DEV_ID_SALT
 
 
 def decode_seconds() -> float:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
-DEV_ID_SALT = "infmap-dev-only-salt-set-INFMAP_ID_SALT-in-production"
+import settings
 
 
 def patient_hash(patient_id: str | None) -> str | None:
@@ -19,5 +18,5 @@ def patient_hash(patient_id: str | None) -> str | None:
     pid = str(patient_id).strip()
     if not pid:
         return None
-    salt = os.environ.get("INFMAP_ID_SALT") or DEV_ID_SALT
+    salt = settings.id_salt()
     return hashlib.sha256(f"{salt}\x00{pid}".encode()).hexdigest()

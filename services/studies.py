@@ -2,6 +2,10 @@
 
 Everything returned is a plain, picklable value (dataclasses of numbers, strings and numpy
 arrays), never an ORM object, so Streamlit can cache it and nothing depends on a closed session.
+
+Over 400 lines because it is the pages' one reading-and-saving API (values, reading, versions,
+saving, worklist rows); it is split when the pages move onto services (issue 16), so that the
+pages change once.
 """
 
 from __future__ import annotations
