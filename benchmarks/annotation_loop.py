@@ -111,7 +111,8 @@ def oracle_order(root: str, seed: int) -> list:
 
 
 def stage_corrections(samples: list, staging: Path) -> dict[str, Path]:
-    """Symlink image + masks into a folder tree that ``import_masks`` reads (same layout)."""
+    """Copy image + masks into a folder tree that ``import_masks`` reads (same layout). Copies,
+    not symlinks: the importer never follows a link out of the folders it is given."""
     dirs = {"images": staging / "images", "lung": staging / "lung", "infection": staging / "inf"}
     for s in samples:
         for key, src in (("images", s.image), ("lung", s.lung_mask),
@@ -119,7 +120,7 @@ def stage_corrections(samples: list, staging: Path) -> dict[str, Path]:
             target = dirs[key] / src.name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
-                target.symlink_to(src)
+                shutil.copyfile(src, target)
     return dirs
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,3 +33,18 @@ def random_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def temp_database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'infmap.sqlite'}"
+
+
+# ----------------------------------------------------------------------------- database tests
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "db" / "infmap.sqlite"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> Iterator[Engine]:
+    from database.session import init_db
+
+    eng = init_db(f"sqlite:///{db_path}")
+    yield eng
+    eng.dispose()
