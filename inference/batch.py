@@ -38,7 +38,6 @@ COLUMNS: tuple[str, ...] = (
 PROBABILITY_COLUMNS: dict[str, str] = {
     "p_covid19": "COVID-19", "p_non_covid": "Non-COVID", "p_normal": "Normal",
 }
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def has_dicom_magic(path: Path) -> bool:
 
 def _wanted(path: Path) -> bool:
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in settings.IMAGE_SUFFIXES:
         return True
     return suffix == "" and has_dicom_magic(path)
 
