@@ -207,7 +207,9 @@ def _spawn(world: dict, name: str, run_id: int) -> subprocess.Popen:
                             stderr=subprocess.PIPE)
 
 
-def _wait_training(world: dict, run_id: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_training(
+    world: dict, run_id: int, proc: subprocess.Popen, timeout: float = 300
+) -> None:  # generous: a cold torch start on a busy 2-core machine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with session_scope(world["engine"], write=False) as s:
