@@ -3,7 +3,7 @@
 Enumerated columns are plain strings with named CHECK constraints, so the schema reads the same
 in SQLite, PostgreSQL and the Alembic migration. Times are stored as UTC and come back aware.
 Annotation versions are append-only: their masks are never updated and no version is deleted;
-the one change is ``annotations.submit_draft`` turning the head draft's status to submitted.
+the one change is ``annotation_versions.submit_draft`` turning the head draft's status to submitted.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ def version_records(scope: SessionFactory) -> list[dict[str, Any]]:
             decision = m.get("decision") or {}
             out.append({
                 "id": r.id, "version": r.version, "active": bool(r.active),
-                "parent": names.get(r.parent_id, ""), "parent_id": r.parent_id,
+                "parent": names.get(r.parent_id, "") if r.parent_id is not None else "",
+                "parent_id": r.parent_id,
                 "created": r.created, "train_minutes": r.train_minutes,
                 "val_lung": _dice(val.get("lung_dice")),
                 "val_infection": _dice(val.get("infection_dice_covid")),

@@ -379,7 +379,7 @@ def change_status(
     if status != "submitted":
         raise ValueError(f"unknown status change {status!r}")
     with scope(write=False) as session:
-        head = annotations.head_version(session, image_id, kind)
+        head = annotation_versions.head_version(session, image_id, kind)
         head_status = None if head is None else head.status
     if head_status in ("submitted", "approved"):
         return SaveOutcome(
@@ -387,8 +387,8 @@ def change_status(
         )
     if head_status != "draft":  # e.g. sent back and resubmitted as it is: a new round
         with scope(write=False) as session:
-            head = annotations.get_version(session, base_version_id)
-            mask = None if head is None else annotations.version_mask(head)
+            head = annotation_versions.get_version(session, base_version_id)
+            mask = None if head is None else annotation_versions.version_mask(head)
         if mask is None:
             return SaveOutcome(False, None, f"Version {base_version_id} no longer exists.")
         return save_mask(
@@ -396,11 +396,11 @@ def change_status(
         )
     try:
         with scope() as session:
-            version = annotations.submit_draft(
+            version = annotation_versions.submit_draft(
                 session, image_id, kind, _user(session, user_id), base_version_id
             )
             done = int(version.id)
-    except annotations.StaleVersionError as exc:
+    except annotation_versions.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
     except (ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
