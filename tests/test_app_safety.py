@@ -60,6 +60,19 @@ def test_md_escape_leaves_no_markdown() -> None:
     assert md_escape("two\nlines") == "two lines"
 
 
+def test_signed_in_name_is_shown_literally(app_db: Path) -> None:
+    injection = probe.MARKDOWN_INJECTIONS[0]  # ![x](http://example.invalid/track.png)
+    at = run()
+    sign_in(at, injection)
+    assert not at.exception, at.exception
+    # AppTest drops the sidebar on the run a form submits; the next page load shows it.
+    again = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    again.session_state["infmap.identity"] = at.session_state["infmap.identity"]
+    again.run()
+    (banner,) = [s.value for s in again.sidebar.success]
+    assert banner == f"Signed in as {md_escape(injection)} (annotator)"
+
+
 def test_read_only_database_gives_a_plain_message_at_sign_in(
     app_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
