@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import probe_inputs as probe
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from database import annotations, users
 from services import ingest
 from services.storage import MISSING_PAYLOAD, open_store
 from services.text import md_escape
@@ -120,3 +122,23 @@ def test_unfinished_payload_files_are_removed_on_start(app_db: Path) -> None:
     run()
     assert not stale.exists()  # left by a write killed long ago
     assert fresh.exists()  # may be another process's write under way
+
+
+def test_another_authors_name_is_literal_in_the_conflict_warning_and_refusal(app_db: Path) -> None:
+    injection = probe.MARKDOWN_INJECTIONS[1]  # [click here](http://example.invalid/phish)
+    at = run("pages/correction.py")
+    sign_in(at, "Editor Eve")
+    study_id = at.selectbox(key="correction.study").value
+    store = open_store(f"sqlite:///{app_db}")
+    with store.scope() as s:  # someone else saves first, while Eve is still editing
+        other = users.get_or_create_user(s, injection, "annotator")
+        annotations.save_annotation(
+            s, study_id, "lung", np.ones((256, 256), bool), other, "submitted", None
+        )
+    store.engine.dispose()
+    at.run()
+    warning = " ".join(w.value for w in at.warning)
+    assert f"{md_escape(injection)} saved version" in warning and "](http" not in warning
+    at.button(key="correction.save.submitted").click().run()
+    refusal = " ".join(e.value for e in at.error)
+    assert md_escape(injection) in refusal and "](http" not in refusal
