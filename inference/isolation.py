@@ -236,6 +236,7 @@ def _serve(control_fd: int) -> None:
         pid = os.fork()
         if pid == 0:
             control.close()
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a worker may wait for its own children
             code = 0
             try:
                 _work(Connection(fds[0]))
