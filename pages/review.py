@@ -7,6 +7,8 @@ model's own output is one click away ("Masks shown").
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import streamlit as st
 
@@ -206,7 +208,8 @@ def main() -> None:
         lung, infection = masks["lung"], masks["infection"]
         for i, kind in ((1, "lung"), (2, "infection")):
             if kind in shown:
-                titles[i] = f"{titles[i]} ({shown[kind].status}, {shown[kind].author})"
+                author = html.escape(shown[kind].author)  # Plotly titles take HTML, links too
+                titles[i] = f"{titles[i]} ({shown[kind].status}, {author})"
             elif reading and not showing_model:
                 titles[i] = f"{titles[i]} (model)"
         if loaded is not None and cam_class:

@@ -38,7 +38,8 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
         outcomes = []
         progress = st.progress(0.0)
         for i, f in enumerate(files, start=1):
-            progress.progress((i - 1) / len(files), text=f"Analysing {f.name} ({i}/{len(files)})")
+            label = f"Analysing {md_escape(f.name)} ({i}/{len(files)})"
+            progress.progress((i - 1) / len(files), text=label)
             outcomes.append(ingest.ingest_file(common.db, f.getvalue(), f.name, handles))
         progress.empty()
         st.session_state[UPLOAD_RESULTS] = outcomes
