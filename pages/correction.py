@@ -88,9 +88,9 @@ def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> N
         st.session_state.pop(FLASH, None)
         return
     if note["kind"] == "success":
-        st.success(md_escape(note["text"]), icon=":material/check_circle:")
+        st.success(note["text"], icon=":material/check_circle:")  # our own words
     elif note["kind"] == "info":
-        st.info(md_escape(note["text"]), icon=":material/info:")
+        st.info(note["text"], icon=":material/info:")
     else:
         st.error(md_escape(note["text"]), icon=":material/block:")  # may name another author
     conflict = note.get("conflict")
