@@ -15,7 +15,7 @@ import probe_inputs as probe
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from database import annotations, users
+from database import annotation_versions, users
 from services import ingest
 from services.storage import MISSING_PAYLOAD, open_store
 from services.text import md_escape
@@ -132,7 +132,7 @@ def test_another_authors_name_is_literal_in_the_conflict_warning_and_refusal(app
     store = open_store(f"sqlite:///{app_db}")
     with store.scope() as s:  # someone else saves first, while Eve is still editing
         other = users.get_or_create_user(s, injection, "annotator")
-        annotations.save_annotation(
+        annotation_versions.save_annotation(
             s, study_id, "lung", np.ones((256, 256), bool), other, "submitted", None
         )
     store.engine.dispose()
