@@ -16,11 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at 
 
 import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 CHECKPOINT_FORMAT = "infmap-checkpoint/1"
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
 SEG_CHANNELS: tuple[str, ...] = ("lungs", "infection")
+# Architecture registry, keyed by ``ModelConfig.architecture`` (smp's style: a plain dict). Every
+# entry takes smp's constructor arguments and returns (mask_logits, class_logits) with aux_params.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"UnetPlusPlus": smp.UnetPlusPlus}
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "infmap.pt"
 
 
@@ -40,21 +44,47 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
     seg_channels: list[str] = field(default_factory=lambda: list(SEG_CHANNELS))
     head_dropout: float = 0.2
+    # "avg": the head averages the whole last encoder stage (1.0.0). "lung": it averages only under
+    # the predicted lung mask, so burned-in text, markers and collimation outside the lungs cannot
+    # feed the diagnosis directly (2.0.0, against the source shortcuts of DeGrave et al. 2021).
+    head_pooling: str = "avg"
+
+
+HEAD_POOLINGS = ("avg", "lung")
+LUNG_CHANNEL = 0  # index of the lung logits in the mask output (SEG_CHANNELS order)
+
+
+def lung_pooled_features(features: torch.Tensor, lung_logits: torch.Tensor) -> torch.Tensor:
+    """Reweight the last encoder stage so that its spatial MEAN is the mean under the lungs.
+
+    ``features`` (B,K,h,w), ``lung_logits`` (B,1,H,W). The lung probability, detached (the class
+    loss must not bend the lung masks), is area-averaged to (h,w) as weights ``a``; the result is
+    ``f * a * h*w / (sum(a) + eps)``. A head that averages it (GAP + linear) thus sees only lung
+    positions, and a CAM of it is each position's exact share of the logit. No lungs found: all
+    zeros, so the logits fall back to the bias (the head's prior), not to a confident guess.
+    """
+    h, w = features.shape[-2:]
+    weights = F.adaptive_avg_pool2d(torch.sigmoid(lung_logits.detach().float()), (h, w))
+    scale = (h * w) / (weights.sum(dim=(2, 3), keepdim=True) + 1e-3)
+    return features * (weights * scale).to(features.dtype)
 
 
 class InfMapNet(nn.Module):
     """UNet++ with two mask logits (lungs, infection) and a 3-class head on the encoder.
 
-    ``forward`` returns ``(mask_logits[B,2,H,W], class_logits[B,3])``. ``features`` exposes the
-    encoder's last stage, which Grad-CAM explains.
+    ``forward`` returns ``(mask_logits[B,2,H,W], class_logits[B,3])``. ``forward_with_features``
+    also returns the feature map the head averages (the encoder's last stage, reweighted under
+    the lungs for ``head_pooling="lung"``), which Grad-CAM explains.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        if config.architecture != "UnetPlusPlus":
+        if config.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {config.architecture!r}")
+        if config.head_pooling not in HEAD_POOLINGS:
+            raise ValueError(f"unknown head pooling {config.head_pooling!r}")
         self.config = config
-        self.net = smp.UnetPlusPlus(
+        self.net = ARCHITECTURES[config.architecture](
             encoder_name=config.encoder_name,
             encoder_depth=config.encoder_depth,
             encoder_weights=None,
@@ -70,18 +100,21 @@ class InfMapNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        masks, logits = self.net(x)
+        masks, logits, _ = self.forward_with_features(x)
         return masks, logits
 
     def forward_with_features(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Like ``forward`` but also returns the encoder's last feature map (for Grad-CAM)."""
+        """Masks, class logits and the feature map the head averages (for Grad-CAM)."""
         features = self.net.encoder(x)
         decoded = self.net.decoder(features)
         masks = self.net.segmentation_head(decoded)
-        logits = self.net.classification_head(features[-1])
-        return masks, logits, features[-1]
+        last = features[-1]
+        if self.config.head_pooling == "lung":
+            last = lung_pooled_features(last, masks[:, LUNG_CHANNEL : LUNG_CHANNEL + 1])
+        logits = self.net.classification_head(last)
+        return masks, logits, last
 
     @property
     def classifier_linear(self) -> nn.Linear:

@@ -52,3 +52,19 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = random_affine(images, masks, generator)
     return random_intensity(images, generator), masks
+
+
+def augment_v2(
+    images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model 2.0's recipe: wider crops and zooms, then randomised acquisition
+    (:mod:`training.acquisition`), then the mild global intensity jitter of 1.0."""
+    from training.acquisition import randomise_acquisition
+
+    images, masks = random_affine(images, masks, generator, max_degrees=12.0,
+                                  scale=(0.85, 1.25), max_shift=0.08)
+    images, masks = randomise_acquisition(images, masks, generator)
+    return random_intensity(images, generator), masks
+
+
+AUGMENTATIONS = {"v1": augment, "v2": augment_v2}

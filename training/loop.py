@@ -13,7 +13,13 @@ import math
 import torch
 
 from inference.model import InfMapNet, ModelConfig
+from collections.abc import Callable
+
 from training.augment import augment
+
+AugmentFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -52,9 +58,10 @@ def train_step(
     bf16: bool = NATIVE_BF16,
     channels_last: bool = True,
     clip: float = 5.0,
+    augment_fn: AugmentFn = augment,
 ) -> dict[str, float]:
     """One augmented optimisation step on a batch; returns the loss parts (floats)."""
-    img, masks = augment(img, masks, generator)
+    img, masks = augment_fn(img, masks, generator)
     x = normalise(img, config)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -23,7 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference.model import InfMapNet, ModelConfig, build_model, save_checkpoint
+from inference.model import (
+    HEAD_POOLINGS,
+    InfMapNet,
+    ModelConfig,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from training.augment import AUGMENTATIONS
 from training.data import SplitArrays, load_split, to_tensors
 from training.loop import NATIVE_BF16, lr_at, normalise, train_step
 from training.losses import MultiTaskLoss
@@ -52,6 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--save-every-min", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--head-pooling", choices=HEAD_POOLINGS, default="avg",
+                   help="class head pooling: whole image (avg, 1.0) or under the lungs (lung, 2.0)")
+    p.add_argument("--augment", choices=sorted(AUGMENTATIONS), default="v1",
+                   help="v2 adds randomised acquisition (training.acquisition)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="EMA decay of the weights (0: off); the EMA model is validated and saved")
+    p.add_argument("--init", default="",
+                   help="start from this checkpoint's weights (same architecture), not at random")
+    p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (at most)")
     return p.parse_args(argv)
 
 
@@ -90,7 +107,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     bf16 = NATIVE_BF16 and not args.no_bf16
-    config = ModelConfig(encoder_name=args.encoder)
+    config = ModelConfig(encoder_name=args.encoder, head_pooling=args.head_pooling)
 
     train_data = load_split(args.data, "Train", config.input_size, args.cache_dir)
     val_data = load_split(args.data, "Val", config.input_size, args.cache_dir)
@@ -100,13 +117,29 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         val_data = val_data.subset(np.sort(rng.permutation(len(val_data))[: args.limit]))
 
     model = build_model(config)
+    init_note = "random"
+    if args.init:
+        start = load_checkpoint(args.init)
+        if asdict(start.config) | {"head_pooling": config.head_pooling} != asdict(config):
+            raise SystemExit(f"--init {args.init}: its architecture differs from this run's")
+        model.load_state_dict(start.model.state_dict())
+        init_note = f"{start.version} ({start.sha256})"
     if not args.no_channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
+            use_buffers=True,
+        )
+        if args.ema
+        else None
+    )
+    augment_fn = AUGMENTATIONS[args.augment]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = MultiTaskLoss()
     steps_per_epoch = len(train_data) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
-    warmup = min(300, max(1, total_steps // 20))
+    warmup = min(args.warmup, max(1, total_steps // 20))
 
     state_path = work / "last.pt"
     epoch, step_in_epoch, global_step, best, elapsed = 0, 0, 0, -1.0, 0.0
@@ -119,6 +152,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         gen.set_state(st["generator"])
         epoch, step_in_epoch, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
         best, elapsed = st["best"], st["elapsed"]
+        if ema is not None:
+            ema.load_state_dict(st["ema"])
         history = json.loads(st["history"])
         print(f"resumed at epoch {epoch + 1}, step {step_in_epoch}/{steps_per_epoch}")
 
@@ -130,6 +165,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "generator": gen.get_state(), "epoch": next_epoch, "step_in_epoch": next_step,
             "global_step": global_step, "best": best, "elapsed": elapsed,
             "history": json.dumps(history),
+            **({"ema": ema.state_dict()} if ema is not None else {}),
         }, tmp)
         os.replace(tmp, state_path)
 
@@ -146,7 +182,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             img, masks, labels = to_tensors(train_data, idx)
             parts = train_step(model, optimizer, loss_fn, img, masks, labels, gen, config,
                                lr_at(global_step, total_steps, args.lr, warmup), bf16,
-                               not args.no_channels_last)
+                               not args.no_channels_last, augment_fn=augment_fn)
+            if ema is not None:
+                ema.update_parameters(model)
             global_step += 1
             for k, v in parts.items():
                 running[k] = 0.9 * running.get(k, v) + 0.1 * v
@@ -159,18 +197,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if args.max_steps and global_step >= args.max_steps:
                 break
         elapsed += time.monotonic() - t0
-        metrics = validate(model, val_data, config, bf16)
+        # The EMA of the weights is what is validated and shipped when it is on.
+        chosen: InfMapNet = ema.module if ema is not None else model  # type: ignore[assignment]
+        metrics = validate(chosen, val_data, config, bf16)
         metrics.update(epoch=epoch + 1, elapsed_min=round(elapsed / 60, 2), **running)
         history.append(metrics)
         print(json.dumps(metrics))
         if metrics["score"] > best:
             best = metrics["score"]
-            save_checkpoint(model, args.out, half=True, meta={
+            save_checkpoint(chosen, args.out, half=True, meta={
                 "version": args.version,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "training_data": DATASET_NOTE,
                 "training": {"epoch": epoch + 1, "epochs": args.epochs, "seed": args.seed,
                              "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
+                             "init": init_note, "augment": args.augment, "ema": args.ema,
+                             "head_pooling": args.head_pooling,
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
                 "metrics": {"val": {k: metrics[k] for k in
