@@ -9,12 +9,11 @@ place means the shipped model and every fine-tuned version are trained the same 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from inference.model import InfMapNet, ModelConfig
-from collections.abc import Callable
-
 from training.augment import augment
 
 AugmentFn = Callable[
