@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
 
@@ -18,6 +18,8 @@ import segmentation_models_pytorch as smp  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+from inference.calibration import Calibration  # noqa: E402
 
 CHECKPOINT_FORMAT = "infmap-checkpoint/1"
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
@@ -69,6 +71,13 @@ def lung_pooled_features(features: torch.Tensor, lung_logits: torch.Tensor) -> t
     return features * (weights * scale).to(features.dtype)
 
 
+class NetOutputs(NamedTuple):
+    masks: torch.Tensor  # (B, 2, H, W) logits, SEG_CHANNELS order
+    logits: torch.Tensor  # (B, classes)
+    head_map: torch.Tensor  # (B, K, h, w): what the class head averages
+    embedding: torch.Tensor  # (B, 2K) float32: pooled features for the out-of-domain score
+
+
 class InfMapNet(nn.Module):
     """UNet++ with two mask logits (lungs, infection) and a 3-class head on the encoder.
 
@@ -107,14 +116,23 @@ class InfMapNet(nn.Module):
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masks, class logits and the feature map the head averages (for Grad-CAM)."""
+        out = self.forward_all(x)
+        return out.masks, out.logits, out.head_map
+
+    def forward_all(self, x: torch.Tensor) -> NetOutputs:
+        """Everything one forward pass gives, including the out-of-domain embedding."""
         features = self.net.encoder(x)
         decoded = self.net.decoder(features)
         masks = self.net.segmentation_head(decoded)
         last = features[-1]
+        head_map = last
         if self.config.head_pooling == "lung":
-            last = lung_pooled_features(last, masks[:, LUNG_CHANNEL : LUNG_CHANNEL + 1])
-        logits = self.net.classification_head(last)
-        return masks, logits, last
+            head_map = lung_pooled_features(last, masks[:, LUNG_CHANNEL : LUNG_CHANNEL + 1])
+        logits = self.net.classification_head(head_map)
+        # Whole-image and head (under-the-lungs) averages: the first sees what the picture is,
+        # the second what the diagnosis is made from.
+        embedding = torch.cat([last.mean(dim=(2, 3)), head_map.mean(dim=(2, 3))], 1).float()
+        return NetOutputs(masks, logits, head_map, embedding)
 
     @property
     def classifier_linear(self) -> nn.Linear:
@@ -134,6 +152,7 @@ class LoadedModel:
     meta: dict[str, Any]
     path: Path | None
     sha256: str | None
+    calibration: Calibration = field(default_factory=Calibration)
 
     @property
     def version(self) -> str:
@@ -145,6 +164,7 @@ def save_checkpoint(
     path: str | Path,
     meta: dict[str, Any] | None = None,
     half: bool = False,
+    calibration: Calibration | None = None,
 ) -> Path:
     """Write weights plus metadata. ``half`` stores float weights as float16 (shipping size)."""
     path = Path(path)
@@ -155,7 +175,9 @@ def save_checkpoint(
     }
     full_meta = dict(meta or {})
     full_meta["config"] = asdict(model.config)
-    payload = {"format": CHECKPOINT_FORMAT, "meta": full_meta, "state_dict": state}
+    payload: dict[str, Any] = {"format": CHECKPOINT_FORMAT, "meta": full_meta, "state_dict": state}
+    if calibration is not None:  # kept in float32 even in a half checkpoint: distances need it
+        payload["calibration"] = calibration.to_payload()
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
@@ -190,7 +212,8 @@ def load_checkpoint(path: str | Path | None = None, device: str = "cpu") -> Load
     state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
     model.load_state_dict(state)
     model.eval()
-    return LoadedModel(model=model, config=config, meta=meta, path=path, sha256=file_sha256(path))
+    return LoadedModel(model=model, config=config, meta=meta, path=path, sha256=file_sha256(path),
+                       calibration=Calibration.from_payload(payload.get("calibration")))
 
 
 def model_from_state(

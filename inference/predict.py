@@ -14,6 +14,13 @@ import cv2
 import numpy as np
 import torch
 
+from inference.calibration import (
+    binarise_masks,
+    class_probabilities,
+    decide,
+    in_domain,
+    ood_scores,
+)
 from inference.gradcam import cam_from_features, upsample_cam
 from inference.model import LoadedModel
 from inference.preprocess import preprocess
@@ -42,6 +49,10 @@ class Prediction:
     model_version: str
     uncertainty: float  # mean binary entropy (bits) of infection prob inside the lungs
     timings_ms: dict[str, float]
+    # Distance to the Train images' features (inference.calibration) and whether it is within
+    # the 95% of Val; None for a checkpoint without an out-of-domain reference (1.0.0).
+    ood_score: float | None = None
+    in_domain: bool | None = None
 
 
 def split_lungs(lung_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,15 +145,19 @@ def predict(
     t1 = time.perf_counter()
     timings["preprocess"] = (t1 - t0) * 1000
 
+    calibration = model.calibration
     with torch.inference_mode():
-        mask_logits, class_logits, features = net.forward_with_features(tensor)
-        seg_prob = torch.sigmoid(mask_logits[0].float()).cpu().numpy()
-        class_prob = torch.softmax(class_logits[0].float(), dim=0).cpu().numpy()
+        out = net.forward_all(tensor)
+        features = out.head_map
+        seg_prob = torch.sigmoid(out.masks[0].float()).cpu().numpy()
+        class_prob = class_probabilities(out.logits[0], calibration).cpu().numpy()
+        scores = ood_scores(out.embedding, calibration)
+    ood_score = None if scores is None else float(scores[0])
     t2 = time.perf_counter()
     timings["model"] = (t2 - t1) * 1000
 
     class_names = list(config.class_names)
-    predicted = int(np.argmax(class_prob))
+    predicted = int(decide(class_prob[None], calibration, class_names.index("COVID-19"))[0])
     cam_idx = _resolve_class(gradcam_class, class_names, predicted)
     with torch.inference_mode():
         cam_small = cam_from_features(features, net.classifier_linear.weight, cam_idx)
@@ -154,13 +169,12 @@ def predict(
     inf_idx = list(config.seg_channels).index("infection")
     lung_prob = box.to_original(seg_prob[lung_idx])
     inf_prob = box.to_original(seg_prob[inf_idx])
-    lung_mask = lung_prob > 0.5
-    infection_mask = (inf_prob > 0.5) & lung_mask  # infection only inside the lungs
+    lung_mask, infection_mask = binarise_masks(lung_prob, inf_prob, calibration)
     both, left, right = infection_percentages(lung_mask, infection_mask)
     sev = score_severity(left, right)
     # Entropy on the network grid (padding cropped): independent of the input's resolution,
     # so images of different sizes compare fairly on the worklist, and cheap for big DICOMs.
-    lung_sq = box.crop(seg_prob[lung_idx]) > 0.5
+    lung_sq = box.crop(seg_prob[lung_idx]) > calibration.lung_threshold
     uncertainty = mean_binary_entropy(box.crop(seg_prob[inf_idx]), lung_sq)
     probabilities = {name: float(p) for name, p in zip(class_names, class_prob, strict=True)}
     t4 = time.perf_counter()
@@ -184,4 +198,6 @@ def predict(
         model_version=model.version,
         uncertainty=uncertainty,
         timings_ms=timings,
+        ood_score=ood_score,
+        in_domain=in_domain(ood_score, calibration),
     )

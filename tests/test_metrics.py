@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training.data import SplitArrays
-from training.evaluate import (
+from training.eval_metrics import (
     SplitPredictions,
     classification_metrics,
     compute_metrics,

@@ -183,6 +183,7 @@ def test_train_main_checkpoint_and_resume(
 EXPECTED_KEYS = {
     "split", "data", "checkpoint", "settings", "timing", "n_images", "counts", "lungs",
     "infection", "classification", "definitions", "published_anchors", "notes", "figures",
+    "gradcam_in_lung", "domain",
 }
 
 
@@ -206,7 +207,7 @@ def test_evaluate_cli_random_checkpoint(tmp_path: Path, capsys) -> None:
     assert m["n_images"] == 12 and sum(m["counts"].values()) == 12
     assert all(m["counts"][c] > 0 for c in CLASS_NAMES)  # evenly spaced subset keeps classes
     assert m["checkpoint"]["version"] == "random" and len(m["checkpoint"]["sha256"]) == 64
-    assert m["settings"]["bf16"] is False and m["settings"]["threshold"] == 0.5
+    assert m["settings"]["bf16"] is False and m["settings"]["threshold"] is None
     for key in ("dice_mean", "iou_mean", "dice_pooled", "iou_pooled"):
         assert 0.0 <= m["lungs"][key] <= 1.0
         assert 0.0 <= m["infection"]["covid"][key] <= 1.0

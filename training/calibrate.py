@@ -1,0 +1,176 @@
+"""Fit the post-hoc decisions of a checkpoint on COVID-QU-Ex Val (and the OOD reference on Train)
+and write them into the checkpoint (:class:`inference.calibration.Calibration`).
+
+    python -m training.calibrate --data ../shared/data/covid-qu-ex --checkpoint runs/best.pt \\
+        --out models/infmap.pt
+
+Only Train and Val are read: Test stays for the one final evaluation, external data is never
+used. What is fitted, and how:
+- temperature T: minimises the Val negative log-likelihood of softmax(logits / T);
+- COVID-19 rule: COVID-19 when p(COVID-19) >= t, else the likelier other class; t maximises
+  min(sensitivity, specificity) of COVID-19 against the rest on Val (the balanced point);
+- lung clean-up (two largest components, holes filled): kept if it raises the Val per-image
+  mean lung Dice;
+- infection threshold: the one of 0.30, 0.35, ..., 0.70 with the highest Val per-image mean
+  infection Dice on COVID-19 images;
+- out-of-domain reference: mean, top-256 principal axes and Ledoit-Wolf precision (in that
+  span) of the Train embeddings (no augmentation); threshold =
+  95th percentile of the Val scores, so 95% of in-distribution images pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
+
+from inference.calibration import Calibration, binarise_masks, decide, ood_scores
+from inference.model import load_checkpoint, save_checkpoint
+from training.data import load_split
+from training.metrics import dice_iou_per_image
+from training.outputs import RawOutputs, run_network
+
+INFECTION_GRID = tuple(round(x, 2) for x in np.arange(0.30, 0.701, 0.05))
+OOD_PASS_RATE = 0.95
+OOD_COMPONENTS = 256
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature minimising the NLL (LBFGS on log T, from T = 1)."""
+    lg = torch.from_numpy(logits).double()
+    y = torch.from_numpy(labels).long()
+    log_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lg / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def balanced_covid_threshold(p_covid: np.ndarray, is_covid: np.ndarray) -> tuple[float, dict]:
+    """t maximising min(sensitivity, specificity); ties go to the higher sum of the two, then
+    to the t nearest 0.5."""
+    n_pos, n_neg = max(1, int(is_covid.sum())), max(1, int((~is_covid).sum()))
+
+    def rates(t: float) -> tuple[float, float]:
+        pos = p_covid >= t
+        return (float((pos & is_covid).sum() / n_pos), float((~pos & ~is_covid).sum() / n_neg))
+
+    candidates = np.unique(np.concatenate([p_covid, [0.5]])).tolist()
+    best = max(candidates, key=lambda t: (min(rates(t)), sum(rates(t)), -abs(t - 0.5)))
+    sens, spec = rates(best)
+    return float(best), {"sensitivity": sens, "specificity": spec}
+
+
+def _mean_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float(dice_iou_per_image(pred, gt)[0].mean())
+
+
+def choose_masks(val: RawOutputs, lungs_gt: np.ndarray, inf_gt: np.ndarray,
+                 covid: np.ndarray) -> tuple[bool, float, dict[str, Any]]:
+    assert val.lung_prob is not None and val.infection_prob is not None
+    lung_prob = val.lung_prob.astype(np.float32)
+    inf_prob = val.infection_prob.astype(np.float32)
+    scores: dict[str, Any] = {}
+    raw = lung_prob > 0.5
+    scores["lung_dice_raw"] = _mean_dice(raw, lungs_gt)
+    cleaned = np.stack([binarise_masks(lp, lp, Calibration(clean_lungs=True))[0]
+                        for lp in lung_prob])
+    scores["lung_dice_cleaned"] = _mean_dice(cleaned, lungs_gt)
+    clean = scores["lung_dice_cleaned"] > scores["lung_dice_raw"]
+    lungs = cleaned if clean else raw
+    per_t = {}
+    for t in INFECTION_GRID:
+        pred = (inf_prob[covid] > t) & lungs[covid]
+        per_t[t] = _mean_dice(pred, inf_gt[covid])
+    best_t = max(per_t, key=lambda t: (per_t[t], -abs(t - 0.5)))
+    scores["infection_dice_by_threshold"] = {str(k): v for k, v in per_t.items()}
+    return clean, float(best_t), scores
+
+
+def fit_ood(
+    train_emb: np.ndarray, val_emb: np.ndarray, components: int = OOD_COMPONENTS
+) -> tuple[Calibration, dict[str, Any]]:
+    x = train_emb.astype(np.float64)
+    mean = x.mean(0)
+    k = min(components, len(x) - 1, x.shape[1])
+    pca = PCA(n_components=k, svd_solver="full").fit(x - mean)
+    z = (x - mean) @ pca.components_.T
+    lw = LedoitWolf(assume_centered=True).fit(z)
+    cal = Calibration(
+        ood_mean=torch.from_numpy(mean.astype(np.float32)),
+        ood_projection=torch.from_numpy(pca.components_.T.astype(np.float32).copy()),
+        ood_precision=torch.from_numpy(lw.precision_.astype(np.float32)),
+    )
+    val_scores = ood_scores(torch.from_numpy(val_emb), cal)
+    assert val_scores is not None
+    cal.ood_threshold = float(np.quantile(val_scores, OOD_PASS_RATE))
+    return cal, {"shrinkage": float(lw.shrinkage_), "dim": int(train_emb.shape[1]),
+                 "components": int(k),
+                 "explained_variance": float(pca.explained_variance_ratio_.sum()),
+                 "train_images": len(train_emb), "val_pass_rate": OOD_PASS_RATE}
+
+
+def calibrate(args: argparse.Namespace) -> Calibration:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_checkpoint(args.checkpoint)
+    size = loaded.config.input_size
+    train = load_split(args.data, "Train", size, args.cache_dir)
+    val = load_split(args.data, "Val", size, args.cache_dir)
+    if args.limit:
+        train = train.subset(np.arange(0, len(train), max(1, len(train) // args.limit)))
+        val = val.subset(np.arange(0, len(val), max(1, len(val) // args.limit)))
+    val_out = run_network(loaded, val.images, keep_maps=True, progress=args.progress)
+    train_out = run_network(loaded, train.images, keep_maps=False, progress=args.progress)
+
+    cal, ood_notes = fit_ood(train_out.embedding, val_out.embedding)
+    cal.temperature = fit_temperature(val_out.logits, val.labels)
+    probs = torch.softmax(torch.from_numpy(val_out.logits) / cal.temperature, 1).numpy()
+    covid_idx = list(loaded.config.class_names).index("COVID-19")
+    is_covid = val.labels == covid_idx
+    cal.covid_threshold, rule_val = balanced_covid_threshold(probs[:, covid_idx], is_covid)
+    cal.clean_lungs, cal.infection_threshold, mask_notes = choose_masks(
+        val_out, val.lungs > 0, val.infections > 0, is_covid)
+    accuracy = float((decide(probs, cal, covid_idx) == val.labels).mean())
+    cal.notes = {
+        "fitted_on": "COVID-QU-Ex Val (decisions), Train (out-of-domain reference)",
+        "val_images": len(val), "temperature": cal.temperature,
+        "covid_rule_val": rule_val, "val_accuracy_with_rule": accuracy,
+        "masks": mask_notes, "ood": ood_notes,
+    }
+    meta = dict(loaded.meta)
+    meta["calibration"] = cal.notes
+    save_checkpoint(loaded.model, args.out, meta=meta, half=True, calibration=cal)
+    return cal
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="COVID-QU-Ex root folder")
+    p.add_argument("--checkpoint", required=True, help="trained checkpoint to calibrate")
+    p.add_argument("--out", required=True, help="where to write the calibrated checkpoint")
+    p.add_argument("--cache-dir", default=".cache/covid-qu-ex")
+    p.add_argument("--limit", type=int, default=0, help="about N images per split (tests)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cal = calibrate(parse_args(argv))
+    print(json.dumps(cal.notes, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
