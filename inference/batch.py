@@ -32,7 +32,8 @@ from inference.predict import Prediction, predict  # noqa: E402
 
 COLUMNS: tuple[str, ...] = (
     "file", "predicted_class", "p_covid19", "p_non_covid", "p_normal", "infection_percent",
-    "infection_percent_left", "infection_percent_right", "severity", "error",
+    "infection_percent_left", "infection_percent_right", "severity", "ood_score", "in_domain",
+    "error",
 )
 # CSV column -> class name in the model's class list
 PROBABILITY_COLUMNS: dict[str, str] = {
@@ -102,6 +103,9 @@ def prediction_row(display: str, p: Prediction) -> dict[str, str]:
         "infection_percent_left": f"{p.infection_percent_left:.3f}",
         "infection_percent_right": f"{p.infection_percent_right:.3f}",
         "severity": p.severity,
+        # empty for a checkpoint without an out-of-domain reference (1.0.0)
+        "ood_score": "" if p.ood_score is None else f"{p.ood_score:.3f}",
+        "in_domain": "" if p.in_domain is None else str(p.in_domain).lower(),
         "error": "",
     }
     for column, name in PROBABILITY_COLUMNS.items():

@@ -49,6 +49,8 @@ def record(checkpoint: Path) -> dict:
             "infection_percent_left": pred.infection_percent_left,
             "infection_percent_right": pred.infection_percent_right,
             "severity": pred.severity,
+            "ood_score": pred.ood_score,
+            "in_domain": pred.in_domain,
             "lung_mask": f"reference/{stem}_lung.png",
             "infection_mask": f"reference/{stem}_infection.png",
         }

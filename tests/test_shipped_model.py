@@ -49,6 +49,9 @@ def test_shipped_model_reproduces_recorded_prediction(shipped, case: str) -> Non
     for key in ("infection_percent", "infection_percent_left", "infection_percent_right"):
         assert getattr(pred, key) == pytest.approx(ref[key], abs=0.5)
     assert pred.severity == ref["severity"]
+    if ref.get("ood_score") is not None:  # 2.0.0 on: the out-of-domain score and flag
+        assert pred.ood_score == pytest.approx(ref["ood_score"], rel=1e-2)
+        assert pred.in_domain == ref["in_domain"]
     for kind, mask in (("lung_mask", pred.lung_mask), ("infection_mask", pred.infection_mask)):
         recorded = cv2.imread(str(REPO / "models" / ref[kind]), cv2.IMREAD_GRAYSCALE) > 127
         assert recorded.shape == mask.shape

@@ -132,6 +132,10 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         train = train.subset(np.arange(0, len(train), max(1, len(train) // args.limit)))
         val = val.subset(np.arange(0, len(val), max(1, len(val) // args.limit)))
     val_out = run_network(loaded, val.images, keep_maps=True, progress=args.progress)
+    if args.ood_train_limit and args.ood_train_limit < len(train):
+        # evenly spaced: Train is sorted by class, so every class keeps its share
+        train = train.subset(np.unique(
+            np.linspace(0, len(train) - 1, args.ood_train_limit).round().astype(int)))
     train_out = run_network(loaded, train.images, keep_maps=False, progress=args.progress)
 
     cal, ood_notes = fit_ood(train_out.embedding, val_out.embedding)
@@ -163,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=".cache/covid-qu-ex")
     p.add_argument("--limit", type=int, default=0, help="about N images per split (tests)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--ood-train-limit", type=int, default=0,
+                   help="fit the out-of-domain reference on N evenly spaced Train images (0: all)")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 

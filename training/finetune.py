@@ -317,7 +317,10 @@ def _finetune(
     model, n_replay, train_seconds = _train(base, as_split(train_set), replay, opts, progress)
 
     progress.update(0.87, "evaluating the fine-tuned model", force=True)
-    new = LoadedModel(model=model, config=base.config, meta={}, path=None, sha256=None)
+    # The base's Val-fitted decisions (temperature, thresholds, out-of-domain reference) carry
+    # over: a short fine-tune moves the features little, and base and new are then judged alike.
+    new = LoadedModel(model=model, config=base.config, meta={}, path=None, sha256=None,
+                      calibration=base.calibration)
     new_metrics = evaluate(new, held, val)
     accept, reason = gate.decide(base_metrics, new_metrics)
     if opts.activate == "never":
@@ -371,9 +374,12 @@ def _finetune(
         "base_version": base_version,
         "lineage": {k: lineage[k] for k in ("run_id", "base_version", "data_hash")},
         "metrics": {"val": metrics["val"], "corrections": metrics["corrections"]},
+        "calibration": {**base.calibration.notes,
+                        "inherited_from": base_version or str(base_path)},
     }
     state["checkpoint_written"] = str(out)
-    save_checkpoint(model, out, meta=meta, half=True)  # atomic (tmp + os.replace)
+    save_checkpoint(model, out, meta=meta, half=True,  # atomic (tmp + os.replace)
+                    calibration=base.calibration)
     sha = file_sha256(out)
 
     with signals_blocked():
