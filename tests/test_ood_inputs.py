@@ -240,3 +240,16 @@ def test_a_limit_spreads_over_the_list() -> None:
     assert ood_inputs._spread(list(range(10)), 3) == [0, 4, 9]  # noqa: SLF001
     assert ood_inputs._spread(list(range(3)), None) == [0, 1, 2]  # noqa: SLF001
     assert list(itertools.islice(ood_inputs.photographs(), 1))
+
+
+def test_refused_dicom_falls_back_to_pydicom_with_air_dark(tmp_path: Path) -> None:
+    from tests.dicom_samples import synthetic_dicom
+
+    stored = np.array([[0, 100], [200, 300]], np.uint16).repeat(40, 0).repeat(40, 1)
+    path = tmp_path / "knee.dcm"
+    synthetic_dicom(stored, photometric="MONOCHROME1", body_part="KNEE", modality="CR",
+                    bits_stored=12).save_as(path, enforce_file_format=True)
+    pixels, how = ood_inputs.dicom_pixels(path)
+    assert how == "pydicom+min-max"  # the loader refuses a knee by its header
+    # MONOCHROME1: the highest stored value is the darkest (air dark, as the model expects).
+    np.testing.assert_allclose(pixels[::40, ::40], [[1.0, 2 / 3], [1 / 3, 0.0]], atol=1e-6)
