@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Iterable, Sequence  # noqa: E402
 from datetime import UTC, datetime  # noqa: E402
@@ -170,7 +171,11 @@ class GroupScores(NamedTuple):
     probabilities: np.ndarray  # (n, n_classes)
 
 
-def score_group(images: Iterable[InputImage], score_fn: ScoreFn) -> GroupScores:
+def score_group(
+    images: Iterable[InputImage], score_fn: ScoreFn, label: str | None = None
+) -> GroupScores:
+    """Score every image; with ``label``, report the count and time on stderr when done."""
+    t0 = time.perf_counter()
     meta, scores, passed, probs = [], [], [], []
     for im in images:
         s = score_fn(im.pixels)
@@ -179,6 +184,8 @@ def score_group(images: Iterable[InputImage], score_fn: ScoreFn) -> GroupScores:
         scores.append(s.ood_score)
         passed.append(s.in_domain)
         probs.append(np.asarray(s.probabilities, float))
+    if label is not None:
+        print(f"{label}: {len(meta)} images, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return GroupScores(meta, np.array(scores, float), np.array(passed, bool),
                        np.array(probs, float).reshape(len(meta), -1))
 
@@ -230,7 +237,7 @@ def run(
 ) -> dict[str, Any]:
     """Score every group and summarise; the JSON body (without run metadata)."""
     skipped: list[dict] = []
-    test = score_group(ood_inputs.covid_test(data_root, limit), score_fn)
+    test = score_group(ood_inputs.covid_test(data_root, limit), score_fn, "covid-qu-ex-test")
     n_transformed = transformed_per_kind if limit is None else min(limit, transformed_per_kind)
     groups: dict[str, Iterable[InputImage]] = {
         "external-dev": ood_inputs.external_dev(data_root, limit),
@@ -243,8 +250,8 @@ def run(
         "ct-mr-slices": ood_inputs.ct_mr_slices(skipped),
         "photographs": ood_inputs.photographs(),
     }
-    scored = {name: score_group(images, score_fn) for name, images in groups.items()}
-    rg1 = score_group(ood_inputs.rg1_encodings(), score_fn)
+    scored = {name: score_group(images, score_fn, name) for name, images in groups.items()}
+    rg1 = score_group(ood_inputs.rg1_encodings(), score_fn, "rg1")
     return {
         "test": {"n": len(test.scores), "flagged_share": float(np.mean(~test.in_domain)),
                  "median_score": float(np.median(test.scores))},
