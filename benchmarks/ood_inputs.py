@@ -31,7 +31,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
-from inference.loading import MIN_SIDE, UnsupportedImage, load_xray
+from inference.limits import MIN_SIDE
+from inference.loading import UnsupportedImage, load_xray
 from inference.model import CLASS_NAMES
 from training.data import list_samples
 

@@ -186,8 +186,8 @@ def score_group(
         probs.append(np.asarray(s.probabilities, float))
     if label is not None:
         print(f"{label}: {len(meta)} images, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return GroupScores(meta, np.array(scores, float), np.array(passed, bool),
-                       np.array(probs, float).reshape(len(meta), -1))
+    probabilities = np.array(probs, float) if probs else np.empty((0, len(CLASS_NAMES)))
+    return GroupScores(meta, np.array(scores, float), np.array(passed, bool), probabilities)
 
 
 def group_summary(reference: GroupScores, group: GroupScores) -> dict[str, Any]:

@@ -14,14 +14,17 @@ from benchmarks.ood_separation import (
     Scored,
     auroc,
     fit_threshold,
+    group_summary,
     labelled_summary,
     markdown,
     model_probabilities,
+    model_score_fn,
     msp_score_fn,
     risk_coverage,
     run,
+    score_group,
 )
-from inference.loading import MIN_SIDE
+from inference.limits import MIN_SIDE
 from inference.model import CLASS_NAMES, load_checkpoint
 
 DATA = ood_inputs.DEFAULT_DATA
@@ -253,3 +256,18 @@ def test_refused_dicom_falls_back_to_pydicom_with_air_dark(tmp_path: Path) -> No
     assert how == "pydicom+min-max"  # the loader refuses a knee by its header
     # MONOCHROME1: the highest stored value is the darkest (air dark, as the model expects).
     np.testing.assert_allclose(pixels[::40, ::40], [[1.0, 2 / 3], [1 / 3, 0.0]], atol=1e-6)
+
+
+def test_model_score_needs_a_checkpoint_with_an_ood_reference(random_checkpoint: Path) -> None:
+    score = model_score_fn(load_checkpoint(random_checkpoint))  # no calibration stored
+    with pytest.raises(RuntimeError, match="no out-of-domain statistics"):
+        score(np.random.default_rng(0).random((64, 64), np.float32))
+
+
+def test_an_empty_group_is_summarised_not_a_crash() -> None:
+    test = score_group([ood_inputs.InputImage("t", "a", np.eye(64, dtype=np.float32), 0, "x")],
+                       brightness_score)
+    empty = score_group([], brightness_score)
+    assert group_summary(test, empty) == {
+        "n": 0, "auroc_vs_test": None, "flagged_share": None, "median_score": None
+    }
