@@ -26,7 +26,7 @@ CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
 SEG_CHANNELS: tuple[str, ...] = ("lungs", "infection")
 # Architecture registry, keyed by ``ModelConfig.architecture`` (smp's style: a plain dict). Every
 # entry takes smp's constructor arguments and returns (mask_logits, class_logits) with aux_params.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"UnetPlusPlus": smp.UnetPlusPlus}
+ARCHITECTURES: dict[str, type[smp.base.SegmentationModel]] = {"UnetPlusPlus": smp.UnetPlusPlus}
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "infmap.pt"
 
 

@@ -92,7 +92,8 @@ def _from_u8(arr: np.ndarray) -> torch.Tensor:
 def jpeg_artefacts(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     quality = int(torch.randint(15, 85, (1,), generator=g))
     ok, buf = cv2.imencode(".jpg", _to_u8(img), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    return _from_u8(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)) if ok else img
+    decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+    return img if decoded is None else _from_u8(decoded)
 
 
 def equalise(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -105,7 +105,7 @@ def write_plots(
     fig, ax = plt.subplots(figsize=(5, 3.6))
     if covid.any():
         dice = dice_iou_per_image(preds.infections[covid], data.infections[covid] > 0)[0]
-        ax.hist(dice, bins=np.linspace(0, 1, 21), color="tab:orange", edgecolor="white")
+        ax.hist(dice, bins=np.linspace(0, 1, 21).tolist(), color="tab:orange", edgecolor="white")
         ax.axvline(dice.mean(), color="black", ls="--", lw=1,
                    label=f"mean {dice.mean():.3f} (n={covid.sum()})")
         ax.legend(loc="upper left", fontsize=8)
