@@ -142,3 +142,25 @@ def test_another_authors_name_is_literal_in_the_conflict_warning_and_refusal(app
     at.button(key="correction.save.submitted").click().run()
     refusal = " ".join(e.value for e in at.error)
     assert md_escape(injection) in refusal and "](http" not in refusal
+
+
+def test_storage_problems_in_plain_words() -> None:
+    import errno
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from database.images import PayloadError
+    from services.storage import storage_problem
+
+    def sqlite_error(text: str) -> OperationalError:
+        return OperationalError("INSERT INTO users ...", {}, sqlite3.OperationalError(text))
+
+    assert "full" in storage_problem(sqlite_error("database or disk is full"))
+    assert "read-only" in storage_problem(sqlite_error("attempt to write a readonly database"))
+    assert "busy" in storage_problem(sqlite_error("database is locked"))
+    assert "full" in storage_problem(OSError(errno.ENOSPC, "No space left on device"))
+    assert storage_problem(PayloadError("the file for image 3 is missing")) == MISSING_PAYLOAD
+    assert storage_problem(ValueError("not storage")) is None
+    for exc in (sqlite_error("disk I/O error"), OSError(errno.EROFS, "ro")):
+        assert "INSERT" not in (storage_problem(exc) or "")
