@@ -4,7 +4,7 @@ A checkpoint is a plain dict ``{"format", "meta", "state_dict"}`` holding only t
 JSON-like values, so it loads with ``torch.load(..., weights_only=True)``.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - settings must import before smp (below)
 
 import hashlib
 import os
@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
+# settings first: it sets HF_HUB_OFFLINE before huggingface_hub (under smp/timm) reads it
+import settings
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import segmentation_models_pytorch as smp  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from inference.calibration import Calibration  # noqa: E402
+from inference.calibration import Calibration
 
 CHECKPOINT_FORMAT = "infmap-checkpoint/1"
 CLASS_NAMES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
@@ -27,7 +27,7 @@ SEG_CHANNELS: tuple[str, ...] = ("lungs", "infection")
 # Architecture registry, keyed by ``ModelConfig.architecture`` (smp's style: a plain dict). Every
 # entry takes smp's constructor arguments and returns (mask_logits, class_logits) with aux_params.
 ARCHITECTURES: dict[str, type[smp.base.SegmentationModel]] = {"UnetPlusPlus": smp.UnetPlusPlus}
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "infmap.pt"
+DEFAULT_CHECKPOINT = settings.SHIPPED_CHECKPOINT
 
 
 @dataclass

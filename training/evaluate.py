@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -177,7 +176,6 @@ def _evaluate_one(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -100,7 +100,6 @@ def validate(
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
