@@ -269,6 +269,27 @@ def main() -> None:
                 "Saving now will be refused; your edit would be kept as a conflict draft.",
                 icon=":material/sync_problem:",
             )
+    # An approved mask is what readers see: changing it is a revision that is reviewed again,
+    # started on purpose, not by a stray stroke.
+    revising = f"correction.revise.{info.image_id}.{kind}"
+    locked = (
+        can_edit
+        and head is not None
+        and head.status == "approved"
+        and st.session_state.get(revising) != head.id
+    )
+    if locked:
+        with notices:
+            st.info(
+                f"Approved by {md_escape(head.author)} at {common.fmt_time(head.created)} "
+                f"(version {head.id}): readers see this mask. A change is a revision that "
+                "goes through review again.",
+                icon=":material/verified:",
+            )
+            if st.button("Revise this approved mask", key="correction.revise"):
+                st.session_state[revising] = head.id
+                st.rerun()
+    can_edit = can_edit and not locked
 
     t1, t2, t3 = st.columns([4, 2, 2], vertical_alignment="bottom")
     with t1:

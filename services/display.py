@@ -169,13 +169,39 @@ def panels_figure(
             row=1,
             col=col,
         )
+    if n >= 4:  # the Grad-CAM panel: what its colours mean (cv2's JET, as heatmap_overlay)
+        fig.add_trace(
+            go.Scatter(
+                x=[None], y=[None], mode="markers", hoverinfo="skip", showlegend=False,
+                marker={
+                    "colorscale": "Jet", "cmin": 0.0, "cmax": 1.0, "color": [0.0],
+                    "showscale": True,
+                    "colorbar": {
+                        "title": {"text": "class evidence", "side": "right"},
+                        "tickvals": [0, 1], "ticktext": ["low", "high"],
+                        "thickness": 10, "len": 0.8, "x": 1.0, "xpad": 4,
+                    },
+                },
+            ),
+            row=1, col=4,
+        )  # fmt: skip
     hidden = {"showticklabels": False, "showgrid": False, "zeroline": False, "ticks": ""}
     fig.update_xaxes(matches="x", constrain="domain", **hidden)
     fig.update_yaxes(matches="y", autorange="reversed", constrain="domain", **hidden)
     fig.update_yaxes(scaleanchor="x", scaleratio=1, row=1, col=1)
+    # Orientation: on a frontal (PA/AP) view the patient's right is on the image's left.
+    for col in range(1, n + 1):
+        axis = "" if col == 1 else str(col)
+        for text, x, anchor in (("R", 0.01, "left"), ("L", 0.99, "right")):
+            fig.add_annotation(
+                text=f"<b>{text}</b>", x=x, y=0.99, xref=f"x{axis} domain",
+                yref=f"y{axis} domain", xanchor=anchor, yanchor="top", showarrow=False,
+                font={"color": "#ffd60a", "size": 13},
+            )  # fmt: skip
     fig.update_layout(
-        height=height,
-        margin={"l": 0, "r": 0, "t": 28, "b": 0},
+        height=height + 26,
+        # the top margin leaves the mode bar its own row above the panel titles
+        margin={"l": 0, "r": 56 if n >= 4 else 0, "t": 54, "b": 0},
         dragmode="pan",
         hovermode="closest",
         uirevision="panels",  # keep zoom/pan across reruns (window, opacity changes)
@@ -193,13 +219,15 @@ def probabilities_figure(probabilities: dict[str, float], height: int = 180) -> 
             orientation="h",
             marker_color=[CLASS_COLORS.get(n, "#888888") for n in names],
             text=[f"{v:.1%}" for v in values],
-            textposition="auto",
+            textposition="outside",  # never squeezed (or turned) into a thin bar
+            textangle=0,
+            cliponaxis=False,
             hovertemplate="%{y}: %{x:.1%}<extra></extra>",
         )
     )
     fig.update_layout(
         height=height,
-        margin={"l": 0, "r": 10, "t": 10, "b": 0},
+        margin={"l": 0, "r": 48, "t": 10, "b": 0},
         xaxis={"range": [0, 1], "tickformat": ".0%", "title": None},
         yaxis={"autorange": "reversed", "title": None},
         showlegend=False,

@@ -146,6 +146,11 @@ def test_saving_on_the_correction_page_creates_a_version(app_env: str) -> None:
         assert [(v.status, v.parent_id) for v in saved][-1] == ("approved", first_id)
     history = at.dataframe[-1].value  # the version history
     assert list(history["status"]) == ["approved", "submitted"]
+    # Issue 16.9: an approved mask is not edited by accident; a revision is started on purpose.
+    assert at.button(key="correction.save.draft").disabled
+    assert at.button(key="correction.undo").disabled and at.button(key="correction.reset").disabled
+    at.button(key="correction.revise").click().run()
+    assert not at.button(key="correction.save.draft").disabled
 
 
 def test_worklist_filters_by_status_after_a_save(app_env: str) -> None:
@@ -324,7 +329,12 @@ def test_four_panels_share_zoom_and_scale() -> None:
     panels = display.panel_images(pixels, mask, mask, pixels, 0.4, grid)
     assert [p.shape for p in panels] == [(*grid.shape, 3)] * 4
     fig = display.panels_figure(panels, grid)
-    assert len(fig.data) == 4 and all(t.type == "image" for t in fig.data)
+    images = [t for t in fig.data if t.type == "image"]
+    assert len(images) == 4
+    scales = [t for t in fig.data if t.type == "scatter" and t.marker.showscale]
+    assert len(scales) == 1 and scales[0].xaxis == "x4"  # the Grad-CAM's colour bar
+    marks = [(a.text, a.xref) for a in fig.layout.annotations if a.text in ("<b>R</b>", "<b>L</b>")]
+    assert len(marks) == 8  # R and L on every panel
     assert {fig.layout[f"xaxis{i}"].matches for i in (2, 3, 4)} == {"x"}
     assert {fig.layout[f"yaxis{i}"].matches for i in (2, 3, 4)} == {"y"}
     assert fig.data[0].dx == pytest.approx(1200 / display.DISPLAY_MAX_SIDE)
