@@ -361,6 +361,41 @@ def test_version_table_has_dice_against_the_model() -> None:
     assert rows[0]["Dice vs model"] == 1.0 and "conflict draft" in rows[0]["status"]
 
 
+def test_a_prediction_missing_while_the_model_could_not_load_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_checkpoint: Path
+) -> None:
+    """Issue 18: Review said "no prediction" for good once it had looked while the active
+    model's file was unreadable; once the file is back the study is predicted."""
+    import shutil
+
+    checkpoint = tmp_path / "model.pt"
+    shutil.copy(random_checkpoint, checkpoint)
+    url = f"sqlite:///{tmp_path / 'flaky.sqlite'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(checkpoint))
+    run_app()  # bootstrap: the model version and the samples
+    sample = Path(__file__).resolve().parent.parent / "samples" / "Normal" / "normal_1.png"
+    flipped = cv2.imencode(".png", cv2.imread(str(sample), cv2.IMREAD_GRAYSCALE)[:, ::-1])[1]
+    added = ingest.ingest_file(scope_for(url), flipped.tobytes(), "flipped.png", [])
+    assert added.ok and added.created
+
+    checkpoint.rename(tmp_path / "away.pt")  # the model cannot be loaded for a while
+    at = run_app()
+    at.switch_page("pages/review.py")
+    at.session_state["infmap.study_id"] = added.image_id
+    at.run()
+    assert any("No prediction" in w.value for w in at.warning)
+
+    (tmp_path / "away.pt").rename(checkpoint)
+    at = run_app()
+    at.switch_page("pages/review.py")
+    at.session_state["infmap.study_id"] = added.image_id
+    at.run()
+    assert not at.exception, at.exception
+    assert not any("No prediction" in w.value for w in at.warning)
+    assert any(m.label == "Both lungs" for m in at.metric)
+
+
 def test_without_a_checkpoint_the_app_explains_instead_of_crashing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -427,3 +427,43 @@ def test_zoom_and_pan_survive_opacity_and_gradcam_class_changes(new_page, shot, 
     after = page.evaluate(f"(el) => ({width})(el)", plot())
     assert abs(after - zoomed) < 0.02 * full, (after, zoomed, full)
     shot(page, "zoom-kept")
+
+
+def test_worklist_picker_names_the_study_its_buttons_open(new_page, shot, app_server) -> None:
+    """Issue 16.6: open a study, come back, filter it out: the picker shows what Review opens."""
+    from services import studies
+    from services.storage import open_store
+
+    store = open_store(app_server.database_url)
+    target = image_id(app_server, "Non-COVID/non_covid_11905.png")
+    other = image_id(app_server, "COVID-19/covid_1582.png")
+    with store.scope() as s:
+        from database import users
+
+        rad = users.get_or_create_user(s, "Pia Picker", "radiologist").id
+    info = studies.study_info(store.scope, other)
+    mask = np.zeros((info.height, info.width), bool)
+    saved = studies.save_mask(store.scope, other, "lung", mask, rad, "approved", None)
+    assert saved.ok
+
+    page = new_page(f"/review?study={target}")
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    go_to(page, "Worklist")
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="Open a study")
+    expect(picker).to_contain_text(f"#{target} ·")
+    status = page.locator('[data-testid="stMultiSelect"]').filter(has_text="Status")
+    status.click()
+    page.get_by_role("option", name="approved", exact=True).click()
+    page.keyboard.press("Escape")
+    expect(page.get_by_text(re.compile(r"^\d+ of \d+ stud"))).not_to_have_text(
+        re.compile(r"^(\d+) of \1 ")
+    )
+    wait_idle(page)
+    shown = re.search(r"#(\d+) ·", picker.inner_text()).group(1)
+    assert int(shown) != target  # the filter removed it from the picker's options
+    page.get_by_role("button", name="Review", exact=True).click()
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    study = page.locator('[data-testid="stSelectbox"]').filter(has_text="Study")
+    expect(study.first).to_contain_text(f"#{shown} ·")
+    shot(page, "opened-what-was-shown")
