@@ -18,7 +18,7 @@ import streamlit as st  # noqa: E402
 # page: registering it during that page's first run made Streamlit show "Page not found".
 import streamlit_drawable_canvas  # noqa: E402, F401
 
-from pages import common, plot_view  # noqa: E402, F401 - plot_view registers its component
+from pages import common  # noqa: E402
 from services import identity, studies  # noqa: E402
 from services.storage import storage_problem  # noqa: E402
 from services.text import md_escape  # noqa: E402

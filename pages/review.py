@@ -13,7 +13,7 @@ import numpy as np
 import streamlit as st
 
 from inference.windowing import apply_window
-from pages import common, plot_view
+from pages import common
 from services import display, readings, studies
 
 PLOTLY_CONFIG = {
@@ -226,9 +226,6 @@ def main() -> None:
     panels = display.panel_images(pixels, lung, infection, cam, opacity, grid)
     fig = display.panels_figure(panels, grid, tuple(titles))
     fig.update_layout(uirevision=f"panels-{info.image_id}")
-    # The view is kept per study: another opacity, window or class is a new chart otherwise.
-    view = plot_view.kept_view("review.panels", str(info.image_id), key="review.view")
-    plot_view.apply_view(fig, view)
     st.plotly_chart(fig, key="review.panels", config=PLOTLY_CONFIG)
     st.caption("Scroll to zoom, drag to pan: all four panels move together. Double-click to reset.")
 

@@ -388,47 +388,6 @@ def test_unsaved_strokes_and_mask_choice_survive_leaving_the_page(
     assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100
 
 
-def test_zoom_and_pan_survive_opacity_and_gradcam_class_changes(new_page, shot, app_server) -> None:
-    """Issue 16.4: the Review panels keep their view when the figure is redrawn."""
-    study = image_id(app_server, "COVID-19/covid_1579.png")
-    page = new_page(f"/review?study={study}")
-    expect(page.get_by_role("heading", name="Review")).to_be_visible()
-    expect_four_panels(page)
-    wait_idle(page)
-    width = "(el) => el._fullLayout.xaxis.range[1] - el._fullLayout.xaxis.range[0]"
-
-    def plot():  # noqa: ANN202 - a new chart element after every change of the figure
-        return panels(page).locator(".js-plotly-plot").element_handle()
-
-    full = page.evaluate(f"(el) => ({width})(el)", plot())
-    box = panels(page).locator("g.imagelayer image").first.bounding_box()
-    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-    for _ in range(3):
-        page.mouse.wheel(0, -200)
-    page.wait_for_function(f"([el, full]) => ({width})(el) < 0.9 * full", arg=[plot(), full])
-    wait_idle(page)  # the view has been reported
-    zoomed = page.evaluate(f"(el) => ({width})(el)", plot())
-
-    first = panels(page).locator("g.imagelayer image").first
-    before = first.get_attribute("href")
-    slider = page.get_by_role("slider", name="Overlay opacity")
-    slider.focus()
-    page.keyboard.press("ArrowRight")
-    expect(first).not_to_have_attribute("href", before)  # redrawn with the new opacity
-    wait_idle(page)
-    after = page.evaluate(f"(el) => ({width})(el)", plot())
-    assert abs(after - zoomed) < 0.02 * full, (after, zoomed, full)
-
-    select = page.locator('[data-testid="stSelectbox"]').filter(has_text="Grad-CAM explains")
-    select.click()
-    page.get_by_role("option", name="Normal", exact=True).click()
-    expect(panels(page).get_by_text("Grad-CAM: Normal")).to_be_visible()
-    wait_idle(page)
-    after = page.evaluate(f"(el) => ({width})(el)", plot())
-    assert abs(after - zoomed) < 0.02 * full, (after, zoomed, full)
-    shot(page, "zoom-kept")
-
-
 def test_worklist_picker_names_the_study_its_buttons_open(new_page, shot, app_server) -> None:
     """Issue 16.6: open a study, come back, filter it out: the picker shows what Review opens."""
     from services import studies
