@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import probe_inputs as probe
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from database import annotation_versions, users
@@ -97,6 +98,9 @@ def test_read_only_database_upload_says_so(app_db: Path) -> None:
 
 
 def test_missing_payload_gives_a_plain_message_on_review_and_correction(app_db: Path) -> None:
+    # Streamlit's caches live as long as the process: another test may have cached this sample.
+    st.cache_resource.clear()
+    st.cache_data.clear()
     run()
     for payload in (app_db.parent / "images").glob("*.npz"):
         payload.unlink()
