@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Engine
 
@@ -48,3 +49,24 @@ def engine(db_path: Path) -> Iterator[Engine]:
     eng = init_db(f"sqlite:///{db_path}")
     yield eng
     eng.dispose()
+
+
+# Real COVID-QU-Ex chest X-rays for the loader tests (test_loading, test_loading_refusals).
+@pytest.fixture(scope="module")
+def covid_pngs() -> list[Path]:
+    from covid_qu_ex import SUBSET, shared_data
+
+    covid_dir = shared_data() / SUBSET / SUBSET / "Test" / "COVID-19" / "images"
+    paths = sorted(covid_dir.glob("*.png"))[:3]
+    assert len(paths) == 3, f"COVID-QU-Ex test images missing under {covid_dir}"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sample_gray(covid_pngs: list[Path]) -> np.ndarray:
+    """A real 256x256 uint8 chest X-ray."""
+    import cv2
+
+    image = cv2.imread(str(covid_pngs[0]), cv2.IMREAD_UNCHANGED)
+    assert image is not None and image.dtype == np.uint8 and image.ndim == 2
+    return image
