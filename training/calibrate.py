@@ -29,7 +29,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
-from inference.calibration import Calibration, binarise_masks, decide, ood_scores
+from inference.calibration import Calibration, clean_lung_mask, decide, ood_scores
 from inference.model import load_checkpoint, save_checkpoint
 from training.data import load_split
 from training.metrics import dice_iou_per_image
@@ -84,8 +84,7 @@ def choose_masks(val: RawOutputs, lungs_gt: np.ndarray, inf_gt: np.ndarray,
     scores: dict[str, Any] = {}
     raw = lung_prob > 0.5
     scores["lung_dice_raw"] = _mean_dice(raw, lungs_gt)
-    cleaned = np.stack([binarise_masks(lp, lp, Calibration(clean_lungs=True))[0]
-                        for lp in lung_prob])
+    cleaned = np.stack([clean_lung_mask(lung) for lung in raw])
     scores["lung_dice_cleaned"] = _mean_dice(cleaned, lungs_gt)
     clean = scores["lung_dice_cleaned"] > scores["lung_dice_raw"]
     lungs = cleaned if clean else raw

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,8 @@ def decisions(
     """Apply a checkpoint's calibrated decisions to raw outputs, as ``inference.predict`` does
     for one image. ``threshold`` overrides both mask thresholds (fine-tuning's fixed 0.5)."""
     if threshold is not None:
-        calibration = Calibration(**{**calibration.__dict__, "lung_threshold": threshold,
-                                     "infection_threshold": threshold})
+        calibration = replace(calibration, lung_threshold=threshold,
+                              infection_threshold=threshold)
     assert raw.lung_prob is not None and raw.infection_prob is not None
     probs = torch.softmax(torch.from_numpy(raw.logits).double() / calibration.temperature, 1)
     probs_np = probs.numpy()

@@ -3,7 +3,7 @@ for EVALUATION ONLY (never train, calibrate or choose on it).
 
 Images are letterboxed to the network's square exactly as the app does
 (:mod:`inference.preprocess`), so the figures measure what a user's own upload gets; the v7labs
-lung masks, where present, are letterboxed the same way (nearest neighbour).
+lung masks, where present, are letterboxed the same way and thresholded at half.
 """
 
 from __future__ import annotations
@@ -29,13 +29,10 @@ class ExternalSet:
     patients: list[str]
 
 
-def _letterbox_u8(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+def _letterbox_u8(image: np.ndarray, size: int) -> np.ndarray:
+    """The app's letterbox (``Letterbox.apply``), back to uint8 for ``SplitArrays``."""
     box = Letterbox.fit(image.shape[0], image.shape[1], size)
-    out = np.zeros((size, size), np.uint8)
-    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
-    scaled = cv2.resize(image, (box.new_w, box.new_h), interpolation=interp)
-    out[box.top : box.top + box.new_h, box.left : box.left + box.new_w] = scaled
-    return out
+    return np.clip(np.rint(box.apply(image)), 0, 255).astype(np.uint8)
 
 
 def load_external(root: str | Path, size: int = 256, limit: int = 0) -> ExternalSet:
@@ -59,7 +56,7 @@ def load_external(root: str | Path, size: int = 256, limit: int = 0) -> External
             if m is None:
                 with_mask = False
             else:
-                mask = (_letterbox_u8(m, size, nearest=True) > 127).astype(np.uint8)
+                mask = (_letterbox_u8(m, size) > 127).astype(np.uint8)
         lungs.append(mask)
         has.append(with_mask)
         labels.append(CLASS_NAMES.index(LABELS[row["label"]]))
