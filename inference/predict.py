@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -26,8 +26,13 @@ from inference.model import LoadedModel
 from inference.preprocess import preprocess
 from inference.severity import severity as score_severity
 
-if TYPE_CHECKING:  # duck-typed at run time: anything with ``.pixels`` works
-    from inference.loading import XRay
+
+class HasPixels(Protocol):
+    """What ``predict`` reads of an image: an ``inference.loading.XRay`` or anything with its
+    ``.pixels`` (float32 [0, 1], 2-D)."""
+
+    @property
+    def pixels(self) -> np.ndarray: ...
 
 
 @dataclass
@@ -128,7 +133,7 @@ def _resolve_class(name: str | None, class_names: list[str], default: int) -> in
 
 
 def predict(
-    xray_or_pixels: XRay | np.ndarray, model: LoadedModel, gradcam_class: str | None = None
+    xray_or_pixels: HasPixels | np.ndarray, model: LoadedModel, gradcam_class: str | None = None
 ) -> Prediction:
     """Run the model on an ``XRay`` (its ``.pixels``) or a float32 [0, 1] 2-D array."""
     timings: dict[str, float] = {}
@@ -139,7 +144,9 @@ def predict(
     param = next(net.parameters())
 
     t0 = time.perf_counter()
-    pixels = getattr(xray_or_pixels, "pixels", xray_or_pixels)
+    pixels = (
+        xray_or_pixels if isinstance(xray_or_pixels, np.ndarray) else xray_or_pixels.pixels
+    )
     x, box = preprocess(pixels, config.input_size, config.norm_mean, config.norm_std)
     tensor = torch.from_numpy(x)[None, None].to(device=param.device, dtype=param.dtype)
     t1 = time.perf_counter()

@@ -34,7 +34,7 @@ def xray_to_npz_bytes(x: XRay) -> bytes:
     if x.window is not None:
         arrays["window"] = np.asarray(x.window, dtype=np.float64)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    np.savez_compressed(buffer, allow_pickle=False, **arrays)
     return buffer.getvalue()
 
 
