@@ -46,6 +46,10 @@ DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at 
 # ----------------------------------------------------------------------------- vocabulary
 ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
 MASK_KINDS: tuple[str, ...] = ("lung", "infection")
+# What a reader may record as the study's reading: the model's three classes (the same names as
+# inference.model.CLASS_NAMES, so a reading is a class target as it is) and two that are not.
+READING_CLASSES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")
+READING_LABELS: tuple[str, ...] = (*READING_CLASSES, "other finding", "not assessable")
 # X-ray files by suffix (lower case). Extension-less DICOM files are accepted where a folder is
 # imported on purpose (``services.import_masks``), not when the samples are scanned.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")

@@ -68,13 +68,15 @@ class StaleVersionError(Exception):
         self.head_created = head_created
         self.conflict_version_id = conflict_version_id
         when = head_created.strftime("%Y-%m-%d %H:%M:%S UTC")
+        what = "reading" if kind == "reading" else f"{kind} mask"  # database.reading_versions
+        mine = "reading" if kind == "reading" else "mask"
         message = (
-            f"{head_author} saved a newer {kind} mask ({head_status}, version {head_id}) at "
+            f"{head_author} saved a newer {what} ({head_status}, version {head_id}) at "
             f"{when}, after the version you started from."
         )
         if conflict_version_id is not None:
             message += (
-                f" Your mask was kept as draft version {conflict_version_id}; "
+                f" Your {mine} was kept as draft version {conflict_version_id}; "
                 "open the latest version to merge your changes."
             )
         super().__init__(message)

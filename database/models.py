@@ -3,7 +3,8 @@
 Enumerated columns are plain strings with named CHECK constraints, so the schema reads the same
 in SQLite, PostgreSQL and the Alembic migration. Times are stored as UTC and come back aware.
 Annotation versions are append-only: their masks are never updated and no version is deleted;
-the one change is ``annotation_versions.submit_draft`` turning the head draft's status to submitted.
+the one change is ``annotation_versions.submit_draft`` turning the head draft's status to submitted
+(``reading_versions.submit_reading_draft`` for readings).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from settings import MASK_KINDS, ROLES
+from settings import MASK_KINDS, READING_LABELS, ROLES
 
 IMAGE_SOURCES: tuple[str, ...] = ("upload", "sample", "import")
 ANNOTATION_STATUSES: tuple[str, ...] = ("draft", "submitted", "approved", "returned")
@@ -207,6 +208,40 @@ class AnnotationVersion(Base):
         )
 
 
+class ReadingVersion(Base):
+    """One saved reading of a study (its label and free-text finding). Append-only like
+    ``AnnotationVersion``, with the same statuses, parent chain and conflict drafts."""
+
+    __tablename__ = "reading_versions"
+    __table_args__ = (
+        CheckConstraint(_in("label", READING_LABELS), name="label"),
+        CheckConstraint(_in("status", ANNOTATION_STATUSES), name="status"),
+        Index("ix_reading_versions_image", "image_id", "conflict", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    label: Mapped[str] = mapped_column(String(32))
+    finding: Mapped[str | None] = mapped_column(Text)
+    author_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("reading_versions.id"))
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"))
+    conflict: Mapped[bool] = mapped_column(Boolean, default=False)
+    comment: Mapped[str | None] = mapped_column(Text)
+    created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    author: Mapped[User] = relationship(lazy="joined")
+    parent: Mapped[ReadingVersion | None] = relationship(remote_side=[id])
+    image: Mapped[Image] = relationship()
+
+    def __repr__(self) -> str:  # no finding: free text may identify a patient
+        return (
+            f"ReadingVersion(id={self.id}, image_id={self.image_id}, label={self.label!r}, "
+            f"status={self.status!r}, parent_id={self.parent_id}, conflict={self.conflict})"
+        )
+
+
 class FinetuneRun(Base):
     __tablename__ = "finetune_runs"
     __table_args__ = (
@@ -229,10 +264,12 @@ class FinetuneRun(Base):
 
 
 @event.listens_for(AnnotationVersion, "before_update")
-def _refuse_update(mapper: Any, connection: Any, target: AnnotationVersion) -> None:
+@event.listens_for(ReadingVersion, "before_update")
+def _refuse_update(mapper: Any, connection: Any, target: Any) -> None:
     raise RuntimeError("annotation versions are append-only: save a new version instead")
 
 
 @event.listens_for(AnnotationVersion, "before_delete")
-def _refuse_delete(mapper: Any, connection: Any, target: AnnotationVersion) -> None:
+@event.listens_for(ReadingVersion, "before_delete")
+def _refuse_delete(mapper: Any, connection: Any, target: Any) -> None:
     raise RuntimeError("annotation versions are append-only and are never deleted")
