@@ -185,6 +185,7 @@ def history(
     st.dataframe(
         studies.version_table(versions, saved, model_mask),
         hide_index=True,
+        placeholder=display.MISSING,
         key=f"correction.history.{kind}",
     )
     options = [MODEL] + [v.id for v in reversed(versions)]

@@ -15,6 +15,7 @@ import streamlit as st
 
 import settings
 from pages import common
+from services import display
 from services import model_admin as admin
 from training.finetune import FinetuneOptions
 
@@ -42,12 +43,13 @@ def versions_section(records: list[dict[str, Any]]) -> None:
         "Val images": r["val_n"],
         "held-aside Dice (new / base)": (
             f"{r['held_score']:.3f} / {r['held_score_base']:.3f}"
-            if r["held_score"] is not None and r["held_score_base"] is not None else ""),
+            if r["held_score"] is not None and r["held_score_base"] is not None else None),
         "annotation versions": r["annotations"] or None,
         "train min": r["train_minutes"], "data hash": r["data_hash"],
         "decision": r["decision"],
     } for r in reversed(records)])
-    st.dataframe(table, hide_index=True, width="stretch", column_config={
+    st.dataframe(table, hide_index=True, width="stretch", placeholder=display.MISSING,
+                 column_config={
         "Val lung Dice": st.column_config.NumberColumn(format="%.3f"),
         "Val infection Dice": st.column_config.NumberColumn(format="%.3f"),
         "train min": st.column_config.NumberColumn(format="%.1f"),
@@ -265,7 +267,8 @@ def runs_panel() -> None:
         "Progress": r["progress"], "Message": admin.user_message(r["message"]),
         "Started (UTC)": common.fmt_time(r["started"]),
         "Finished (UTC)": common.fmt_time(r["finished"]), "Model version": r["model_version"],
-    } for r in run_list]), hide_index=True, width="stretch", column_config={
+    } for r in run_list]), hide_index=True, width="stretch", placeholder=display.MISSING,
+        column_config={
         "Progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,
                                                     format="percent"),
     })  # fmt: skip

@@ -7,8 +7,9 @@ import streamlit as st
 
 from inference.model import CLASS_NAMES
 from pages import common
-from services import ingest, readings, studies
+from services import display, ingest, readings, studies
 from services.text import md_escape
+from services.worklist_table import worklist_records
 
 UPLOAD_NONCE = "worklist.upload_nonce"
 UPLOAD_RESULTS = "worklist.upload_results"
@@ -85,9 +86,10 @@ def figures_read(rows: list, model: studies.ModelInfo | None) -> dict:
     return read
 
 
-def worklist_table(rows: list, model: studies.ModelInfo | None) -> int | None:
-    """The table; returns the study picked by a row click (None when nothing new)."""
-    records = studies.worklist_records(rows, figures_read(rows, model))
+def worklist_table(rows: list, model: studies.ModelInfo | None, sort: str) -> int | None:
+    """The table, ordered by ``sort`` on the figures shown; returns the study picked by a row
+    click (None when nothing new)."""
+    records = worklist_records(rows, figures_read(rows, model), sort)
     for rec, row in zip(records, rows, strict=True):
         rec["thumbnail"] = common.thumbnail(row.sha256, row.image_id)
     frame = pd.DataFrame.from_records(records)
@@ -100,6 +102,7 @@ def worklist_table(rows: list, model: studies.ModelInfo | None) -> int | None:
         column_order=columns,
         hide_index=True,
         row_height=64,
+        placeholder=display.MISSING,
         on_select="rerun",
         selection_mode="single-row",
         key="worklist.table",
@@ -172,14 +175,15 @@ def main() -> None:
             else:
                 open_study(nxt)
 
-    rows = studies.worklist(common.db, statuses, classes, studies.SORTS[sort_label])
+    sort = studies.SORTS[sort_label]
+    rows = studies.worklist(common.db, statuses, classes, sort)
     total = len(studies.worklist(common.db)) if (statuses or classes) else len(rows)
     st.caption(f"{len(rows)} of {total} {'study' if total == 1 else 'studies'}")
     if not rows:
         st.info("No studies match these filters." if total else "No studies yet: upload one.")
         return
 
-    picked = worklist_table(rows, model)
+    picked = worklist_table(rows, model, sort)
     ids = [r.image_id for r in rows]
     names = {r.image_id: r.display_name for r in rows}
     # One chosen study, shown by the picker and opened by the buttons. The picker's key

@@ -21,6 +21,9 @@ from inference.overlay import INFECTION_COLOR, LUNG_COLOR, heatmap_overlay, mask
 DISPLAY_MAX_SIDE = 768
 THUMB_MAX_SIDE = 96
 PANEL_TITLES = ("X-ray", "Lung mask", "Infection mask", "Grad-CAM")
+# What a table cell shows for a missing value (st.dataframe's placeholder; Streamlit's own
+# default is the word "None").
+MISSING = "—"
 CLASS_COLORS = {"COVID-19": "#e4572e", "Non-COVID": "#f3a712", "Normal": "#29bf12"}
 
 # Window presets as (centre, width) fractions of the raw range (0.5th-99.5th percentile), on

@@ -10,7 +10,7 @@ pages change once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -442,45 +442,6 @@ def worklist(
         wanted = set(classes)
         rows = [r for r in rows if r.predicted_class in wanted]
     return rows
-
-
-def worklist_records(
-    rows: Sequence[worklist_queries.WorklistRow],
-    read: Mapping[int, tuple[InfectionSummary, str]] | None = None,
-) -> list[dict[str, Any]]:
-    """Table rows for the worklist (without thumbnails, which the page caches). ``read``: per
-    study with a current human version, the figures from the masks readers see and whose
-    they are (services.readings); the others show the model's."""
-    read = read or {}
-    records = []
-    for r in rows:
-        severity_text = (
-            f"{r.severity} ({r.severity_score}/8)" if r.severity is not None else "not predicted"
-        )
-        percent, source = r.infection_percent, "model" if r.prediction_id else ""
-        if r.image_id in read:
-            summary, source = read[r.image_id]
-            percent = summary.percent
-            severity_text = f"{summary.severity} ({summary.severity_score}/8)"
-        records.append(
-            {
-                "id": r.image_id,
-                "study": f"#{r.image_id} · {r.display_name}",
-                "class": r.predicted_class or "—",
-                "confidence": r.confidence,
-                "infection %": percent,
-                "severity": severity_text,
-                "masks": source,
-                "uncertainty": r.uncertainty,
-                "status": STATUS_LABELS.get(r.status, r.status),
-                "last touched by": r.last_author or "",
-                "last touched (UTC)": r.last_touched.strftime("%Y-%m-%d %H:%M")
-                if r.last_touched
-                else "",
-                "added (UTC)": r.created.strftime("%Y-%m-%d %H:%M"),
-            }
-        )
-    return records
 
 
 # Per role, the strategy "Next study" follows (services.next_study): radiologists get the

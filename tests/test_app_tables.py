@@ -1,0 +1,92 @@
+"""Issue 16.9 in the tables (AppTest): a missing figure reads "—", never Streamlit's "None";
+the worklist sorts on the figures it shows (the human ones where a study has them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_app import app_env, bootstrapped, run_app, scope_for, sign_in  # noqa: F401
+
+from database import users, worklist
+from services import display, studies
+
+INFECTION_SORT = "Infection % (highest first)"
+SEVERITY_SORT = "Severity (highest first)"
+
+
+def approve_whole_lung_infection(url: str, image_id: int) -> None:
+    """A human infection mask covering the whole predicted lung: 100 %, severe (8/8)."""
+    scope = scope_for(url)
+    with scope() as s:
+        annotator = users.get_or_create_user(s, "Ann Sorter", "annotator").id
+        radiologist = users.get_or_create_user(s, "Rad Sorter", "radiologist").id
+    pred = studies.stored_prediction(scope, image_id, studies.active_model(scope))
+    saved = studies.save_mask(
+        scope, image_id, "infection", pred.lung_mask.copy(), annotator, "submitted", None
+    )
+    assert saved.ok, saved.message
+    assert studies.review_head(
+        scope, image_id, "infection", radiologist, "approve", saved.version_id
+    ).ok
+
+
+def test_worklist_sorts_on_the_figures_it_shows(app_env: str) -> None:  # noqa: F811
+    at = run_app()
+    with scope_for(app_env)(write=False) as s:
+        rows = [r for r in worklist.worklist(s) if r.infection_percent is not None]
+    # The study the model finds least infected; its approved mask makes it the most infected.
+    lowest = min(rows, key=lambda r: (r.infection_percent, r.severity_score))
+    assert lowest.infection_percent < 100.0
+    approve_whole_lung_infection(app_env, lowest.image_id)
+
+    at.selectbox(key="worklist.sort").select(INFECTION_SORT).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert table.iloc[0]["id"] == lowest.image_id
+    assert table.iloc[0]["infection %"] == 100.0
+    shown = list(table["infection %"])
+    assert shown == sorted(shown, reverse=True), shown
+
+    at.selectbox(key="worklist.sort").select(SEVERITY_SORT).run()
+    table = at.dataframe[0].value
+    assert table.iloc[0]["id"] == lowest.image_id
+    assert table.iloc[0]["severity"] == "severe (8/8)"
+    scores = [int(s.split("(")[1].split("/")[0]) for s in table["severity"]]
+    assert scores == sorted(scores, reverse=True), scores
+
+
+def test_missing_figures_read_as_a_dash_without_a_prediction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'nomodel.sqlite'}")
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(tmp_path / "missing.pt"))
+    at = run_app()
+    frame = at.dataframe[0]
+    table = frame.value
+    assert len(table) == 6
+    # Nothing predicted: the numbers are missing, and the table shows them as "—".
+    for column in ("confidence", "infection %", "uncertainty"):
+        assert table[column].isna().all(), column
+    assert frame.proto.placeholder == display.MISSING
+    assert set(table["class"]) == {display.MISSING} and set(table["masks"]) == {display.MISSING}
+    for column in table.columns:
+        assert not table[column].astype(str).eq("None").any(), column
+
+
+def test_every_table_shows_missing_values_as_a_dash(app_env: str) -> None:  # noqa: F811
+    """The Models page (a first version has no parent, no training time) and Correction's
+    version history (a version with no parent, no Dice yet) use the same placeholder."""
+    at = run_app()
+    sign_in(at, "Tess Tables", "radiologist")
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, at.exception
+    assert at.dataframe, "the Models page shows its version table"
+    assert at.dataframe[0].value.isna().any().any()  # something is missing
+    assert {d.proto.placeholder for d in at.dataframe} == {display.MISSING}
+
+    at.switch_page("pages/correction.py").run()
+    at.button(key="correction.save.draft").click().run()
+    assert not at.exception, at.exception
+    assert at.dataframe[-1].proto.placeholder == display.MISSING
+    assert {d.proto.placeholder for d in at.dataframe} == {display.MISSING}
