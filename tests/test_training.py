@@ -248,7 +248,7 @@ def test_evaluate_arrays_in_memory(mini_root: Path) -> None:
     # Same preprocessing and decision as the Val metrics training selects checkpoints by.
     from training.train import validate
 
-    val = validate(model, data, model.config, bf16=False)
+    val = validate(model, data, bf16=False)
     assert m["lungs"]["dice_mean"] == pytest.approx(val["lung_dice"], abs=1e-3)
     assert m["infection"]["covid"]["dice_mean"] == pytest.approx(val["infection_dice_covid"],
                                                                 abs=1e-3)

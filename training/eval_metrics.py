@@ -119,6 +119,23 @@ class SplitPredictions:
         return self.probs.argmax(1) if self.decided is None else self.decided
 
 
+def split_scores(data: SplitArrays, preds: SplitPredictions) -> dict[str, Any]:
+    """The few numbers training picks checkpoints by and fine-tuning's gate checks forgetting
+    with: per-image mean lung Dice over all images, infection Dice over COVID-19 images (None
+    when the split holds none) and the accuracy of the decided class."""
+    covid = data.labels == COVID
+    lung = dice_iou_per_image(preds.lungs, data.lungs > 0)[0]
+    infection = None
+    if covid.any():  # a small seeded subset may hold no COVID-19 image
+        inf = dice_iou_per_image(preds.infections[covid], data.infections[covid] > 0)[0]
+        infection = float(inf.mean())
+    return {
+        "lung_dice": float(lung.mean()),
+        "infection_dice_covid": infection,
+        "accuracy": float((preds.predicted == data.labels).mean()),
+    }
+
+
 def _seg_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, Any]:
     if len(pred) == 0:
         return {"n_images": 0, "dice_mean": None, "iou_mean": None,

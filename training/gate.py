@@ -17,6 +17,7 @@ import numpy as np
 from inference.model import CLASS_NAMES, LoadedModel
 from training.corrections import KINDS, Correction, as_split
 from training.data import SplitArrays
+from training.eval_metrics import split_scores
 from training.evaluate import predict_arrays
 from training.metrics import dice_iou_per_image
 
@@ -54,20 +55,9 @@ def correction_metrics(
 
 
 def val_metrics(model: LoadedModel, val: SplitArrays, bf16: bool = False) -> dict[str, Any]:
-    pred = predict_arrays(model, val, bf16=bf16)
-    covid = val.labels == CLASS_NAMES.index("COVID-19")
-    lung = dice_iou_per_image(pred.lungs, val.lungs > 0)[0]
-    infection = None
-    if covid.any():  # a small seeded subset may hold no COVID-19 image
-        inf = dice_iou_per_image(pred.infections[covid], val.infections[covid] > 0)[0]
-        infection = float(inf.mean())
-    return {
-        "n_images": len(val),
-        "n_covid": int(covid.sum()),
-        "lung_dice": float(lung.mean()),
-        "infection_dice_covid": infection,
-        "accuracy": float((pred.predicted == val.labels).mean()),
-    }
+    scores = split_scores(val, predict_arrays(model, val, bf16=bf16))
+    n_covid = int((val.labels == CLASS_NAMES.index("COVID-19")).sum())
+    return {"n_images": len(val), "n_covid": n_covid, **scores}
 
 
 def decide(

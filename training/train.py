@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict
@@ -33,9 +32,10 @@ from inference.model import (
 )
 from training.augment import AUGMENTATIONS
 from training.data import SplitArrays, load_split, to_tensors
-from training.loop import NATIVE_BF16, lr_at, normalise, train_step
+from training.eval_metrics import split_scores
+from training.evaluate import predict_arrays
+from training.loop import NATIVE_BF16, lr_at, train_step
 from training.losses import MultiTaskLoss
-from training.metrics import dice_iou_per_image
 
 DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4.0)"
 
@@ -72,31 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@torch.no_grad()
-def validate(
-    model: InfMapNet, data: SplitArrays, config: ModelConfig, bf16: bool, batch: int = 32
-) -> dict[str, float]:
-    """Val metrics: per-image mean lung Dice (all), infection Dice (COVID-19 images), accuracy."""
-    model.eval()
-    lung_d, inf_d, correct = [], [], 0
-    for start in range(0, len(data), batch):
-        idx = np.arange(start, min(start + batch, len(data)))
-        img, masks, labels = to_tensors(data, idx)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            mask_logits, class_logits = model(normalise(img, config))
-        pred = (mask_logits.float() > 0).numpy()
-        pred[:, 1] &= pred[:, 0]  # infection only inside the lungs, as at inference
-        gt = masks.numpy() > 0.5
-        lung_d.append(dice_iou_per_image(pred[:, 0], gt[:, 0])[0])
-        covid = labels.numpy() == 0
-        if covid.any():
-            inf_d.append(dice_iou_per_image(pred[covid, 1], gt[covid, 1])[0])
-        correct += int((class_logits.argmax(1) == labels).sum())
-    lung = float(np.concatenate(lung_d).mean())
-    inf = float(np.concatenate(inf_d).mean()) if inf_d else float("nan")
-    acc = correct / len(data)
-    score = (lung + (inf if not math.isnan(inf) else 0.0) + acc) / 3
-    return {"lung_dice": lung, "infection_dice_covid": inf, "accuracy": acc, "score": score}
+def validate(model: InfMapNet, data: SplitArrays, bf16: bool, batch: int = 32) -> dict[str, float]:
+    """Val metrics (``training.eval_metrics.split_scores`` on ``training.evaluate.predict_arrays``:
+    the same post-processing as evaluation and the app) and ``score``, their mean, which picks the
+    best checkpoint. The model is given back in the mode it came in."""
+    scores = split_scores(data, predict_arrays(model, data, batch_size=batch, bf16=bf16))
+    inf = scores["infection_dice_covid"]
+    metrics = {"lung_dice": scores["lung_dice"],
+               "infection_dice_covid": float("nan") if inf is None else inf,
+               "accuracy": scores["accuracy"]}
+    metrics["score"] = (metrics["lung_dice"] + (0.0 if inf is None else inf)
+                        + metrics["accuracy"]) / 3
+    return metrics
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,7 +185,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         elapsed += time.monotonic() - t0
         # The EMA of the weights is what is validated and shipped when it is on.
         chosen: InfMapNet = ema.module if ema is not None else model  # type: ignore[assignment]
-        metrics = validate(chosen, val_data, config, bf16)
+        metrics = validate(chosen, val_data, bf16)
         metrics.update(epoch=epoch + 1, elapsed_min=round(elapsed / 60, 2), **running)
         history.append(metrics)
         print(json.dumps(metrics))
