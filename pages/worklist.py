@@ -7,7 +7,7 @@ import streamlit as st
 
 from inference.model import CLASS_NAMES
 from pages import common
-from services import display, ingest, readings, studies
+from services import datastore, display, ingest, readings, studies
 from services.text import md_escape
 from services.worklist_table import worklist_records
 
@@ -36,12 +36,14 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
             if model is not None and loaded is not None
             else []
         )
-        outcomes = []
         progress = st.progress(0.0)
-        for i, f in enumerate(files, start=1):
-            label = f"Analysing {md_escape(f.name)} ({i}/{len(files)})"
-            progress.progress((i - 1) / len(files), text=label)
-            outcomes.append(ingest.ingest_file(common.db, f.getvalue(), f.name, handles))
+
+        def show_progress(i: int, item: datastore.SourceItem) -> None:
+            label = f"Analysing {md_escape(item.name)} ({i + 1}/{len(files)})"
+            progress.progress(i / len(files), text=label)
+
+        upload = datastore.UploadSource([(f.name, f.getvalue()) for f in files])
+        outcomes = datastore.ingest_source(common.db, upload, handles, before_each=show_progress)
         progress.empty()
         st.session_state[UPLOAD_RESULTS] = outcomes
         st.session_state[UPLOAD_NONCE] = nonce + 1  # a fresh, empty uploader

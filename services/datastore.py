@@ -79,11 +79,17 @@ class FolderSource:
 
 
 def ingest_source(
-    scope: SessionFactory, source: ImageSource, models: Iterable[ModelHandle]
+    scope: SessionFactory,
+    source: ImageSource,
+    models: Iterable[ModelHandle],
+    before_each: Callable[[int, SourceItem], None] | None = None,
 ) -> list[IngestOutcome]:
-    """Ingest every item of ``source``; one bad file never stops the others."""
+    """Ingest every item of ``source`` in order; one bad file never stops the others.
+    ``before_each(i, item)`` is called before item ``i`` (from 0) is read: a progress display."""
     handles = list(models)
-    return [
-        ingest_file(scope, item.read(), item.name, handles, source.source)
-        for item in source.items()
-    ]
+    outcomes = []
+    for i, item in enumerate(source.items()):
+        if before_each is not None:
+            before_each(i, item)
+        outcomes.append(ingest_file(scope, item.read(), item.name, handles, source.source))
+    return outcomes

@@ -98,7 +98,10 @@ def test_folder_and_upload_sources_ingest_through_one_path(tmp_path: Path) -> No
         first = ingest_source(scope, folder, models=[])
         data = (settings.SAMPLES_DIR / "Normal" / "normal_1.png").read_bytes()
         upload = UploadSource([("mine.png", data), ("notes.txt", b"not an x-ray")])
-        again = ingest_source(scope, upload, models=[])
+        seen: list[tuple[int, str]] = []
+        again = ingest_source(scope, upload, models=[],
+                              before_each=lambda i, item: seen.append((i, item.name)))
+        assert seen == [(0, "mine.png"), (1, "notes.txt")]  # the page's progress bar
         assert all(o.ok and o.created for o in first)
         assert again[0].ok and not again[0].created  # the same bytes: stored once
         assert not again[1].ok and again[1].error
