@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install run test lint browser bench
+.PHONY: install run test lint browser postgresql bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ run: install
 browser:
 	@bash scripts/ensure_chromium.sh
 
-test: install browser
+# The database tests also run on a PostgreSQL server they start themselves: Debian's postgresql.
+postgresql:
+	@bash scripts/ensure_postgresql.sh
+
+test: install browser postgresql
 	$(PY) -m pytest
 
 # ruff over everything; mypy over the typed layers (settings, database, inference, services,

@@ -12,6 +12,8 @@ Environment variables (all optional):
                           (default ``../shared/data/covid-qu-ex`` beside the repository)
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
+- ``INFMAP_REQUIRE_SERVERS``  ``1`` (CI): tests needing a server the tests start themselves
+                          (PostgreSQL) fail instead of skipping when it is not installed
 - ``INFMAP_ID_SALT``      salt of the hashed patient ID (``inference.deid``)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
@@ -98,6 +100,10 @@ def require_data() -> bool:
 
 def require_browser() -> bool:
     return _flag("INFMAP_REQUIRE_BROWSER")
+
+
+def require_servers() -> bool:
+    return _flag("INFMAP_REQUIRE_SERVERS")
 
 
 DEV_ID_SALT = "infmap-dev-only-salt-set-INFMAP_ID_SALT-in-production"

@@ -1,5 +1,9 @@
 """Model versions: registered checkpoints, exactly one active once any exists, lineage.
 
+Registering and activating take turns (``serialize_writers``): on PostgreSQL two replicas
+activating at once would otherwise both clear the old active row and the second would then hit
+the one-active index; two registering the same version would both insert it.
+
 Every function takes a Session; the caller owns the transaction.
 """
 
@@ -12,6 +16,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from database.models import ModelVersion
+from database.session import serialize_writers
+
+
+def lock_registry(session: Session) -> None:
+    """Take the registry's turn until the transaction ends: call it before reading what a
+    registration or activation decision depends on (``training.finetune`` checks the active
+    version is still its base)."""
+    serialize_writers(session, "model_versions")
 
 
 def register_model_version(
@@ -30,6 +42,7 @@ def register_model_version(
     The first version registered while none is active becomes active, so that once any version
     exists exactly one is active.
     """
+    lock_registry(session)
     existing = get_model_version(session, version)
     if existing is not None:
         if sha256 and existing.checkpoint_sha256 and existing.checkpoint_sha256 != sha256:
@@ -71,6 +84,7 @@ def get_active_model_version(session: Session) -> ModelVersion | None:
 
 def set_active_model_version(session: Session, model_version_id: int) -> ModelVersion:
     """Make one version the active one (rolling back = activating an older version)."""
+    lock_registry(session)
     row = session.get(ModelVersion, model_version_id)
     if row is None:
         raise LookupError(f"no model version {model_version_id}")

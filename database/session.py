@@ -13,16 +13,23 @@ its first statement, so reading an annotation head and appending on top of it ca
 with another writer; a second writer waits (``busy_timeout``) and then sees the new head.
 Read-only sessions (``session_scope(engine, write=False)``) emit a plain deferred ``BEGIN`` and
 never block writers (WAL).
+
+PostgreSQL (``postgresql+psycopg://...``, psycopg 3) runs at READ COMMITTED, set explicitly: every
+statement sees what committed before it started, so a writer that waited for a row lock
+(``SELECT ... FOR UPDATE``) or for ``serialize_writers`` then reads the rows its predecessor
+committed. (At REPEATABLE READ its snapshot would predate them and two saves could both pass the
+head check.)
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
@@ -80,6 +87,8 @@ def make_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
     db_file = _sqlite_file(url)
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
+    if url.get_backend_name() == "postgresql":
+        kwargs.setdefault("isolation_level", "READ COMMITTED")  # see the module docstring
     engine = create_engine(url, **kwargs)
     if url.get_backend_name() == "sqlite":
         _install_sqlite_hooks(engine)
@@ -119,6 +128,15 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def serialize_writers(session: Session, what: str) -> None:
+    """Hold a lock named ``what`` until the session's transaction ends, so that writers of the
+    same thing take turns. PostgreSQL: a transaction-level advisory lock. SQLite: nothing to do,
+    a write session already holds the database's write lock (``BEGIN IMMEDIATE``)."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = zlib.crc32(f"infmap:{what}".encode())  # a stable 32-bit key (fits the bigint)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
 
 
 @contextmanager

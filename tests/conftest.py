@@ -1,14 +1,23 @@
-"""Shared fixtures: a small random checkpoint (no dependence on training) and a temp database."""
+"""Shared fixtures: a small random checkpoint (no dependence on training) and a temp database.
+
+``engine`` / ``database_url`` run each database test twice: on a SQLite file and on a fresh
+database in a PostgreSQL server that the session starts (``tests/postgres_server.py``). Without
+PostgreSQL installed the PostgreSQL half skips, unless ``INFMAP_REQUIRE_SERVERS=1`` (CI).
+"""
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from db_helpers import DATABASE_BACKENDS
 from sqlalchemy import Engine
+
+import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,8 +51,58 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "db" / "infmap.sqlite"
 
 
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """One throwaway PostgreSQL server for the whole test session."""
+    from postgres_server import PostgresUnavailable, start_server
+
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        if settings.require_servers():
+            pytest.fail(f"INFMAP_REQUIRE_SERVERS=1 but {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def engine(db_path: Path) -> Iterator[Engine]:
+def postgres_url(
+    postgres_server, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """A new empty database on the session's server; its file store is ``db_path``'s folder."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("INFMAP_DATA_DIR", str(db_path.parent))
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = postgres_server.create_database(name)
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=DATABASE_BACKENDS)
+def database_url(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """An empty database on each backend; the file store is ``db_path``'s folder on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    from database.session import init_db
+
+    eng = init_db(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(db_path: Path) -> Iterator[Engine]:
+    """For what only SQLite has (PRAGMAs, BEGIN IMMEDIATE, the database file)."""
     from database.session import init_db
 
     eng = init_db(f"sqlite:///{db_path}")

@@ -17,6 +17,7 @@ from database.session import (
 )
 
 H, W = 48, 64
+DATABASE_BACKENDS = ("sqlite", "postgresql")  # conftest's engine / database_url run on each
 
 
 # --------------------------------------------------------------------------- helpers

@@ -1,11 +1,11 @@
-"""Annotation versions against a real SQLite file: append-only chains, refused stale saves and
-conflict drafts, concurrent writers, review roles, the fine-tuning set."""
+"""Annotation versions on a real SQLite file and a real PostgreSQL (conftest's ``engine``):
+append-only chains, refused stale saves and conflict drafts, concurrent writers, review roles,
+the fine-tuning set."""
 
 from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,13 +132,16 @@ def test_stale_save_is_refused_and_kept_as_conflict_draft(engine: Engine) -> Non
         )
 
 
+@pytest.mark.parametrize("writers", [2, 3])
 def test_concurrent_saves_on_the_same_head(
-    db_path: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, writers: int
 ) -> None:
-    """Two writers, each with its own engine, both based on the same head, saving at once."""
+    """Writers, each with its own engine (its own connection), all based on the same head,
+    saving at once: exactly one wins, every other mask is kept as a conflict draft."""
     with session_scope(engine) as s:
         image = add_image(s)
-        people = [users.get_or_create_user(s, n, "annotator") for n in ("ann", "bob")]
+        names = ("ann", "bob", "carl")[:writers]
+        people = [users.get_or_create_user(s, n, "annotator") for n in names]
         base = annotation_versions.save_annotation(
             s, image.id, "lung", box(0, 0, 9, 9), people[0], "draft", None
         )
@@ -151,11 +154,11 @@ def test_concurrent_saves_on_the_same_head(
         return found
 
     monkeypatch.setattr(annotation_versions, "head_version", slow_head)
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(writers)
     results: dict[str, object] = {}
 
     def save(user: User, mask: np.ndarray) -> None:
-        eng = make_engine(f"sqlite:///{db_path}")
+        eng = make_engine(engine.url)
         try:
             barrier.wait()
             with session_scope(eng) as s:
@@ -184,13 +187,15 @@ def test_concurrent_saves_on_the_same_head(
 
     winners = {n: r for n, r in results.items() if isinstance(r, int)}
     losers = {n: r for n, r in results.items() if isinstance(r, StaleVersionError)}
-    assert len(winners) == 1 and len(losers) == 1, results
-    (winner, win_id), (loser, err) = next(iter(winners.items())), next(iter(losers.items()))
-    assert err.head_author == winner and err.head_id == win_id
+    assert len(winners) == 1 and len(losers) == writers - 1, results
+    ((winner, win_id),) = winners.items()
     with session_scope(engine, write=False) as s:
         assert annotation_versions.head_version(s, image.id, "lung").id == win_id
-        kept = annotation_versions.get_version(s, err.conflict_version_id)
-        assert kept.conflict and kept.author.name == loser and kept.parent_id == base.id
+        for loser, err in losers.items():
+            assert err.head_author == winner and err.head_id == win_id
+            kept = annotation_versions.get_version(s, err.conflict_version_id)
+            assert kept.conflict and kept.author.name == loser and kept.parent_id == base.id
+        assert len(annotation_versions.list_versions(s, image.id, "lung")) == 1 + writers
 
 
 def test_approve_and_send_back_require_a_radiologist(engine: Engine) -> None:

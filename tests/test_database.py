@@ -1,9 +1,12 @@
-"""Database layer against a real SQLite file in tmp_path: engine and migrations, images and
-their file store, predictions, model versions, crash safety, fine-tuning runs."""
+"""Database layer on a real SQLite file in tmp_path and on a real PostgreSQL (conftest's
+``engine``): engine and migrations, images and their file store, predictions, model versions
+(concurrent activation included), crash safety, fine-tuning runs."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +39,7 @@ from database.session import (
 # --------------------------------------------------------------------------- engine, migrations
 
 
-def test_init_db_creates_schema_in_wal_mode(engine: Engine, db_path: Path) -> None:
-    assert db_path.is_file()
+def test_init_db_creates_schema(engine: Engine, db_path: Path) -> None:
     tables = set(inspect(engine).get_table_names())
     assert {
         "users",
@@ -48,6 +50,30 @@ def test_init_db_creates_schema_in_wal_mode(engine: Engine, db_path: Path) -> No
         "finetune_runs",
         "alembic_version",
     } <= tables
+    assert data_dir_for(engine) == db_path.parent
+
+
+def test_postgresql_runs_read_committed(postgres_url: str) -> None:
+    """Even on a server whose default is stricter: the row-lock reasoning of
+    annotation_versions needs each statement to see what committed before it."""
+    admin = make_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        name = conn.exec_driver_sql("SELECT current_database()").scalar()
+        conn.exec_driver_sql(
+            f'ALTER DATABASE "{name}" SET default_transaction_isolation = \'repeatable read\''
+        )
+    admin.dispose()
+    engine = init_db(postgres_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW transaction_isolation").scalar() == "read committed"
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_file_in_wal_mode(sqlite_engine: Engine, db_path: Path) -> None:
+    engine = sqlite_engine
+    assert db_path.is_file()
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -68,8 +94,8 @@ def test_migration_matches_models(engine: Engine) -> None:
         assert compare_metadata(ctx, Base.metadata) == []
 
 
-def test_second_init_db_is_a_noop_that_keeps_data(db_path: Path) -> None:
-    url = f"sqlite:///{db_path}"
+def test_second_init_db_is_a_noop_that_keeps_data(database_url: str) -> None:
+    url = database_url
     first = make_engine(url)
     upgrade(first, "0001")  # the oldest revision, as an older app version would have left it
     assert current_revision(first) == "0001"
@@ -102,7 +128,8 @@ def test_database_url_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
         eng.dispose()
 
 
-def test_writes_begin_immediate_reads_deferred(engine: Engine) -> None:
+def test_writes_begin_immediate_reads_deferred(sqlite_engine: Engine) -> None:
+    engine = sqlite_engine
     seen: list[str] = []
 
     from sqlalchemy import event
@@ -126,7 +153,7 @@ def test_writes_begin_immediate_reads_deferred(engine: Engine) -> None:
 
 
 def test_add_image_dedupes_by_hash_and_stores_payload(
-    engine: Engine, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, database_url: str, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     payload = b"npz-bytes" * 100
     sha = hashlib.sha256(b"the original file").hexdigest()
@@ -146,7 +173,7 @@ def test_add_image_dedupes_by_hash_and_stores_payload(
     assert not list(stored.parent.glob("*.tmp"))
     # Detached (its session has closed): the file store is named, or found through settings.
     assert images.read_image_payload(image, data_dir_for(engine)) == payload
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{db_path}")
+    monkeypatch.setenv("DATABASE_URL", database_url)
     assert images.read_image_payload(image) == payload
     with session_scope(engine, write=False) as s:
         assert images.read_image_payload(images.get_image(s, image.id)) == payload
@@ -195,13 +222,14 @@ def test_prediction_is_stored_once_per_model_version(engine: Engine) -> None:
         with pytest.raises(ValueError, match="shape"):
             predictions.store_prediction(s, image.id, v3.id, wrong)
     with engine.connect() as conn, pytest.raises(IntegrityError):  # the database's own guard
+        columns = (
+            "image_id, model_version_id, probabilities, predicted_class, confidence,"
+            " lung_mask_png, infection_mask_png, infection_percent, infection_percent_left,"
+            " infection_percent_right, severity, severity_score, uncertainty, timings, created"
+        )
         conn.execute(
-            text(
-                "INSERT INTO predictions SELECT NULL, image_id, model_version_id, probabilities,"
-                " predicted_class, confidence, lung_mask_png, infection_mask_png,"
-                " infection_percent, infection_percent_left, infection_percent_right, severity,"
-                " severity_score, uncertainty, timings, created FROM predictions WHERE id = :i"
-            ),
+            text(f"INSERT INTO predictions ({columns}) SELECT {columns} FROM predictions"
+                 " WHERE id = :i"),
             {"i": first.id},
         )
 
@@ -278,7 +306,48 @@ def test_model_version_activation_and_rollback_keep_exactly_one_active(engine: E
         got = model_versions.get_model_version(s, "v2")
         assert got.parent_id == v1.id and got.lineage["annotation_version_ids"] == [1, 2]
     with engine.begin() as conn, pytest.raises(IntegrityError):  # the one-active index
-        conn.execute(text("UPDATE model_versions SET active = 1"))
+        conn.execute(text("UPDATE model_versions SET active = TRUE"))
+
+
+def test_concurrent_activations_leave_exactly_one_active(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas register and activate a new version each at the same moment (one engine,
+    so one connection, per writer): both are registered, one is active, neither fails."""
+    with session_scope(engine) as s:
+        model_version(s, "v1")
+    real_set_active = model_versions.set_active_model_version
+
+    def slow_set_active(*args, **kwargs):  # hold the transaction open after activating
+        row = real_set_active(*args, **kwargs)
+        time.sleep(0.3)
+        return row
+
+    monkeypatch.setattr(model_versions, "set_active_model_version", slow_set_active)
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def register(version: str) -> None:
+        eng = make_engine(engine.url)
+        try:
+            barrier.wait()
+            with session_scope(eng) as s:
+                model_version(s, version, activate=True)
+        except Exception as exc:  # collected for the assertion below
+            errors.append(exc)
+        finally:
+            eng.dispose()
+
+    threads = [threading.Thread(target=register, args=(v,)) for v in ("v2", "v3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with session_scope(engine, write=False) as s:
+        listed = model_versions.list_model_versions(s)
+        assert sorted(m.version for m in listed) == ["v1", "v2", "v3"]
+        assert [m.version for m in listed if m.active] in (["v2"], ["v3"])
 
 
 # --------------------------------------------------------------------------- crash safety

@@ -1,5 +1,5 @@
-"""training.finetune end to end on a temporary SQLite database and the bundled samples (real
-COVID-QU-Ex Test images) laid out as a miniature COVID-QU-Ex tree.
+"""training.finetune end to end on a temporary database (a SQLite file, then PostgreSQL) and the
+bundled samples (real COVID-QU-Ex Test images) laid out as a miniature COVID-QU-Ex tree.
 
 Corrections come in through ``services.import_masks`` (the app's import path); the base model is
 a small network whose masks start empty, registered as the active version. Fine-tuning runs a
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from covid_qu_ex import SUBSET, build_mini_tree, sample_cases
+from db_helpers import DATABASE_BACKENDS
 
 from database import annotation_versions, model_versions, runs, worklist
 from database.session import init_db, session_scope
@@ -72,12 +73,26 @@ def _empty_mask_model() -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    tmp = tmp_path_factory.mktemp("finetune")
+@pytest.fixture(scope="module", params=DATABASE_BACKENDS)
+def world(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict]:
+    """The whole module runs on a SQLite file and on a PostgreSQL database (conftest)."""
+    tmp = tmp_path_factory.mktemp(f"finetune-{request.param}")
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp / 'db' / 'infmap.sqlite'}"
+        else:  # the file store of a server database is INFMAP_DATA_DIR (subprocesses inherit it)
+            mp.setenv("INFMAP_DATA_DIR", str(tmp / "db"))
+            url = request.getfixturevalue("postgres_server").create_database(f"finetune_{tmp.name}")
+        built = _build_world(tmp, url)
+        yield built
+        built["engine"].dispose()
+
+
+def _build_world(tmp: Path, url: str) -> dict:
     dirs = _correction_dirs(tmp / "corrections")
     replay_root = build_mini_tree(tmp / "qu-ex", copies=4, splits=("Train", "Val"))
-    url = f"sqlite:///{tmp / 'db' / 'infmap.sqlite'}"
     engine = init_db(url)
     summary = import_masks(engine, dirs["images"], dirs["lung"], dirs["infection"], "ann")
     assert summary.images_new == len(CASES)

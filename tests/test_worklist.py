@@ -1,4 +1,5 @@
-"""Worklist queries against a real SQLite file: derived statuses, filters, SQL sorting, next."""
+"""Worklist queries on a real SQLite file and a real PostgreSQL: derived statuses, filters, SQL
+sorting, next."""
 
 from __future__ import annotations
 

@@ -384,6 +384,7 @@ def _finetune(
 
     with signals_blocked():
         with session_scope(engine) as s:
+            model_versions.lock_registry(s)  # no activation slips between check and register
             if accept and base_version_id is not None and not opts.base:
                 active = model_versions.get_active_model_version(s)
                 if active is None or active.id != base_version_id:
