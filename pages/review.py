@@ -2,7 +2,8 @@
 
 The masks and figures shown are what readers should see: the current human version of each
 mask (approved, else submitted; services.readings) with its author, else the model's; the
-model's own output is one click away ("Masks shown").
+model's own output is one click away ("Masks shown"). Below them the reader records the
+study's reading (label + finding, versioned like masks: pages.reading_panel).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import streamlit as st
 
 from inference.windowing import apply_window
-from pages import common
+from pages import common, reading_panel
 from services import display, readings, studies
 
 PLOTLY_CONFIG = {
@@ -231,16 +232,18 @@ def main() -> None:
 
     if pred is None:
         st.warning("No prediction for this study yet (no usable model).")
-        return
-    summary = studies.infection_summary(lung, infection)
-    source = (
-        "the model's masks"
-        if not shown
-        else "the human masks read"
-        if len(shown) == len(studies.MASK_KINDS)
-        else "the human and model masks read"
-    )
-    facts(info, pred, model.version, summary, source)
+    else:
+        summary = studies.infection_summary(lung, infection)
+        source = (
+            "the model's masks"
+            if not shown
+            else "the human masks read"
+            if len(shown) == len(studies.MASK_KINDS)
+            else "the human and model masks read"
+        )
+        facts(info, pred, model.version, summary, source)
+    st.divider()
+    reading_panel.reading_section(info, pred)
 
 
 main()

@@ -1,4 +1,5 @@
-"""Worklist (default page): every study with its prediction and review status; uploads."""
+"""Worklist (default page): every study with its prediction, its reading (marked where it
+disagrees with the model's class) and review status; uploads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import streamlit as st
 
 from inference.model import CLASS_NAMES
 from pages import common
-from services import datastore, display, ingest, readings, studies
+from services import datastore, display, ingest, reading_labels, readings, studies
 from services.text import md_escape
 from services.worklist_table import worklist_records
 
@@ -92,12 +93,17 @@ def worklist_table(rows: list, model: studies.ModelInfo | None, sort: str) -> in
     """The table, ordered by ``sort`` on the figures shown; returns the study picked by a row
     click (None when nothing new)."""
     records = worklist_records(rows, figures_read(rows, model), sort)
-    for rec, row in zip(records, rows, strict=True):
+    read = reading_labels.current_readings(common.db)
+    by_id = {row.image_id: row for row in rows}  # records may be re-sorted: match by id
+    for rec in records:
+        row = by_id[rec["id"]]
         rec["thumbnail"] = common.thumbnail(row.sha256, row.image_id)
+        rec.update(reading_labels.worklist_columns(row.image_id, row.predicted_class, read))
     frame = pd.DataFrame.from_records(records)
     columns = [
-        "thumbnail", "study", "class", "confidence", "infection %", "severity", "masks", "status",
-        "last touched by", "last touched (UTC)", "uncertainty", "added (UTC)",
+        "thumbnail", "study", "class", "reading", "agreement", "confidence", "infection %",
+        "severity", "masks", "status", "last touched by", "last touched (UTC)", "uncertainty",
+        "added (UTC)",
     ]  # fmt: skip
     event = st.dataframe(
         frame,
@@ -112,6 +118,12 @@ def worklist_table(rows: list, model: studies.ModelInfo | None, sort: str) -> in
             "thumbnail": st.column_config.ImageColumn("X-ray", width="small"),
             "study": st.column_config.TextColumn("Study", width="large"),
             "class": st.column_config.TextColumn("Predicted class"),
+            "reading": st.column_config.TextColumn(
+                "Reading", help="The reader's reading: approved, else submitted (Review page)"
+            ),
+            "agreement": st.column_config.TextColumn(
+                "Model vs reading", help="✗ where the reading is a class the model did not call"
+            ),
             "confidence": st.column_config.ProgressColumn(
                 "Confidence", min_value=0.0, max_value=1.0, format="percent"
             ),
