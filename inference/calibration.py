@@ -2,12 +2,20 @@
 checkpoint beside the weights: temperature, the COVID-19 decision rule, mask thresholds, lung
 clean-up, and the out-of-domain (OOD) score's reference distribution and threshold.
 
-The OOD score is the Mahalanobis distance of a prediction's pooled encoder features
-(``NetOutputs.embedding``: whole image and under the lungs) to the Train images' features, in
-the span of Train's top principal axes (so the checkpoint stays small), with a Ledoit-Wolf
-shrunk covariance; ``in_domain`` is ``score <= ood_threshold``, the threshold being
-the Val score that 95% of Val images stay below. A checkpoint without these fields (1.0.0)
-gets :data:`IDENTITY` and ``None`` for the OOD fields.
+The out-of-domain (OOD) score combines two Mahalanobis distances to the Train images, each with
+a Ledoit-Wolf shrunk covariance:
+- *content*: the pooled last-stage encoder features (``NetOutputs.embedding``'s leading columns:
+  whole image and under the lungs), in the span of Train's top principal axes (so the checkpoint
+  stays small). It flags what is not a chest X-ray: photographs, CT/MR, rotated or cropped films.
+- *acquisition*: the per-channel mean and standard deviation of the early encoder stages (the
+  trailing ``style_mean.shape[0]`` columns). The deep features are trained and augmented to
+  ignore how an image was made, so they cannot see a new source; these statistics do (contrast,
+  noise, sharpness, processing), in the spirit of feature-statistics shift detectors.
+Each distance is divided by its own Val 95th percentile (``ood_scale``, ``style_scale``) and the
+score is the larger of the two; ``in_domain`` is ``score <= ood_threshold``, the threshold being
+the combined score that 95% of Val images stay below. Checkpoints without the acquisition part
+(2.0.0 as first shipped) score with the content distance alone, unscaled. A checkpoint without
+any OOD fields (1.0.0) gets :data:`IDENTITY` and ``None`` for the OOD fields.
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ class Calibration:
     ood_mean: torch.Tensor | None = None  # (D,) float32
     ood_projection: torch.Tensor | None = None  # (D, k): Train's top-k principal axes
     ood_precision: torch.Tensor | None = None  # (k, k) float32, inverse shrunk covariance
+    ood_scale: float = 1.0  # the content distance is divided by it
+    style_mean: torch.Tensor | None = None  # (S,) float32: acquisition statistics of Train
+    style_precision: torch.Tensor | None = None  # (S, S) float32
+    style_scale: float = 1.0
     ood_threshold: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # how each value was chosen
 
@@ -51,6 +63,10 @@ class Calibration:
             "ood_mean": self.ood_mean,
             "ood_projection": self.ood_projection,
             "ood_precision": self.ood_precision,
+            "ood_scale": float(self.ood_scale),
+            "style_mean": self.style_mean,
+            "style_precision": self.style_precision,
+            "style_scale": float(self.style_scale),
             "ood_threshold": self.ood_threshold,
             "notes": dict(self.notes),
         }
@@ -60,7 +76,8 @@ class Calibration:
         if not payload:
             return cls()
         known = {k: payload[k] for k in cls.__dataclass_fields__ if k in payload}
-        for key in ("ood_mean", "ood_projection", "ood_precision"):
+        for key in ("ood_mean", "ood_projection", "ood_precision", "style_mean",
+                    "style_precision"):
             if known.get(key) is not None:
                 known[key] = known[key].float()
         return cls(**known)
@@ -109,15 +126,29 @@ def binarise_masks(
     return lungs, (infection_prob > calibration.infection_threshold) & lungs
 
 
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor,
+                projection: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance of each row of ``x`` (B, D) to ``mean`` under ``precision`` (optionally after
+    projecting the centred rows onto ``projection``'s columns)."""
+    z = x.float() - mean
+    if projection is not None:
+        z = z @ projection
+    return torch.einsum("bi,ij,bj->b", z, precision, z).clamp_min(0).sqrt()
+
+
 def ood_scores(embedding: torch.Tensor, calibration: Calibration) -> np.ndarray | None:
-    """Mahalanobis distance of each row of ``embedding`` (B, D); None without OOD fields."""
+    """The out-of-domain score of each row of ``embedding`` (B, D); None without OOD fields."""
     if not calibration.has_ood:
         return None
     mean, proj, prec = calibration.ood_mean, calibration.ood_projection, calibration.ood_precision
     assert mean is not None and proj is not None and prec is not None
-    z = (embedding.float() - mean) @ proj
-    squared = torch.einsum("bi,ij,bj->b", z, prec, z)
-    return squared.clamp_min(0).sqrt().double().numpy()
+    score = mahalanobis(embedding[:, : mean.shape[0]], mean, prec, proj) / calibration.ood_scale
+    if calibration.style_mean is not None and calibration.style_precision is not None:
+        style = embedding[:, -calibration.style_mean.shape[0] :]
+        score = torch.maximum(score, mahalanobis(style, calibration.style_mean,
+                                                 calibration.style_precision)
+                              / calibration.style_scale)
+    return score.double().numpy()
 
 
 def in_domain(score: float | None, calibration: Calibration) -> bool | None:

@@ -54,6 +54,7 @@ class ModelConfig:
 
 HEAD_POOLINGS = ("avg", "lung")
 LUNG_CHANNEL = 0  # index of the lung logits in the mask output (SEG_CHANNELS order)
+STYLE_STAGES = 4  # early encoder stages whose channel statistics describe the acquisition
 
 
 def lung_pooled_features(features: torch.Tensor, lung_logits: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,10 @@ class NetOutputs(NamedTuple):
     masks: torch.Tensor  # (B, 2, H, W) logits, SEG_CHANNELS order
     logits: torch.Tensor  # (B, classes)
     head_map: torch.Tensor  # (B, K, h, w): what the class head averages
-    embedding: torch.Tensor  # (B, 2K) float32: pooled features for the out-of-domain score
+    # (B, 2K + S) float32, for the out-of-domain score: the last stage averaged over the whole
+    # image and under the lungs (2K, what the picture is), then the per-channel mean and standard
+    # deviation of the early stages (S, how it was acquired: contrast, noise, sharpness).
+    embedding: torch.Tensor
 
 
 class InfMapNet(nn.Module):
@@ -130,9 +134,18 @@ class InfMapNet(nn.Module):
             head_map = lung_pooled_features(last, masks[:, LUNG_CHANNEL : LUNG_CHANNEL + 1])
         logits = self.net.classification_head(head_map)
         # Whole-image and head (under-the-lungs) averages: the first sees what the picture is,
-        # the second what the diagnosis is made from.
-        embedding = torch.cat([last.mean(dim=(2, 3)), head_map.mean(dim=(2, 3))], 1).float()
+        # the second what the diagnosis is made from. The early stages' statistics see the
+        # acquisition, which the deep features are trained (and augmented) to ignore.
+        pooled = [last.mean(dim=(2, 3)), head_map.mean(dim=(2, 3))]
+        style = [s for f in features[1 : 1 + STYLE_STAGES]
+                 for s in (f.float().mean(dim=(2, 3)), f.float().std(dim=(2, 3)))]
+        embedding = torch.cat([p.float() for p in pooled] + style, 1)
         return NetOutputs(masks, logits, head_map, embedding)
+
+    @property
+    def content_dims(self) -> int:
+        """2K: the leading ``embedding`` columns that are pooled last-stage features."""
+        return 2 * int(self.net.encoder.out_channels[-1])
 
     @property
     def classifier_linear(self) -> nn.Linear:

@@ -69,7 +69,7 @@ def test_ood_score_is_far_for_shifted_features_and_threshold_passes_95_percent()
     train = rng.normal(size=(600, 20)).astype(np.float32)
     val = rng.normal(size=(400, 20)).astype(np.float32)
     cal, notes = fit_ood(train, val, components=10)
-    assert notes["components"] == 10
+    assert notes["content"]["components"] == 10
     val_scores = ood_scores(torch.from_numpy(val), cal)
     assert val_scores is not None
     assert np.mean(val_scores <= cal.ood_threshold) == pytest.approx(0.95, abs=0.01)
@@ -78,6 +78,27 @@ def test_ood_score_is_far_for_shifted_features_and_threshold_passes_95_percent()
     assert in_domain(float(val_scores[0]), cal) in (True, False)
     assert in_domain(float("nan"), cal) is False
     assert ood_scores(torch.zeros(1, 20), Calibration()) is None  # 1.0.0: no reference
+
+
+def test_acquisition_shift_is_flagged_where_content_features_look_in_domain() -> None:
+    """A new source can share Train's content features (a chest film) but not its acquisition
+    statistics; either distance alone puts a study out of domain, and 95% of Val still pass."""
+    rng = np.random.default_rng(2)
+    content, style = 12, 6
+    train = rng.normal(size=(800, content + style)).astype(np.float32)
+    val = rng.normal(size=(500, content + style)).astype(np.float32)
+    cal, notes = fit_ood(train, val, content_dims=content, components=8)
+    assert notes["acquisition"]["dim"] == style
+    val_scores = ood_scores(torch.from_numpy(val), cal)
+    assert val_scores is not None
+    assert np.mean(val_scores <= cal.ood_threshold) == pytest.approx(0.95, abs=0.01)
+    new_source = val.copy()
+    new_source[:, content:] = new_source[:, content:] * 0.3 + 3.0  # other contrast and noise
+    shifted = ood_scores(torch.from_numpy(new_source), cal)
+    assert shifted is not None and np.mean(shifted > cal.ood_threshold) > 0.99
+    content_only, _ = fit_ood(train[:, :content], val[:, :content], components=8)
+    unseen = ood_scores(torch.from_numpy(new_source), content_only)  # trailing columns ignored
+    assert unseen is not None and np.mean(unseen <= content_only.ood_threshold) > 0.9
 
 
 def test_calibration_survives_a_half_checkpoint_and_weights_only_load(tmp_path: Path) -> None:

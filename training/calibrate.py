@@ -13,9 +13,11 @@ used. What is fitted, and how:
   mean lung Dice;
 - infection threshold: the one of 0.30, 0.35, ..., 0.70 with the highest Val per-image mean
   infection Dice on COVID-19 images;
-- out-of-domain reference: mean, top-256 principal axes and Ledoit-Wolf precision (in that
-  span) of the Train embeddings (no augmentation); threshold =
-  95th percentile of the Val scores, so 95% of in-distribution images pass.
+- out-of-domain reference (:mod:`inference.calibration`): for the content features, mean, top-256
+  principal axes and Ledoit-Wolf precision (in that span) of the Train embeddings (no
+  augmentation); for the acquisition statistics, mean and Ledoit-Wolf precision; each distance
+  divided by its Val 95th percentile, the score their maximum, the threshold its Val 95th
+  percentile, so 95% of in-distribution images pass.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
-from inference.calibration import Calibration, clean_lung_mask, decide, ood_scores
+from inference.calibration import (
+    Calibration,
+    clean_lung_mask,
+    decide,
+    mahalanobis,
+    ood_scores,
+)
 from inference.model import load_checkpoint, save_checkpoint
 from training.data import load_split
 from training.metrics import dice_iou_per_image
@@ -97,27 +105,56 @@ def choose_masks(val: RawOutputs, lungs_gt: np.ndarray, inf_gt: np.ndarray,
     return clean, float(best_t), scores
 
 
-def fit_ood(
-    train_emb: np.ndarray, val_emb: np.ndarray, components: int = OOD_COMPONENTS
-) -> tuple[Calibration, dict[str, Any]]:
-    x = train_emb.astype(np.float64)
+def fit_mahalanobis(
+    train: np.ndarray, components: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, Any]]:
+    """Mean, projection (top principal axes; None: all dimensions) and Ledoit-Wolf precision."""
+    x = train.astype(np.float64)
     mean = x.mean(0)
-    k = min(components, len(x) - 1, x.shape[1])
-    pca = PCA(n_components=k, svd_solver="full").fit(x - mean)
-    z = (x - mean) @ pca.components_.T
+    notes: dict[str, Any] = {"dim": int(x.shape[1])}
+    projection = None
+    z = x - mean
+    if components is not None:
+        k = min(components, len(x) - 1, x.shape[1])
+        pca = PCA(n_components=k, svd_solver="full").fit(z)
+        z = z @ pca.components_.T
+        projection = torch.from_numpy(pca.components_.T.astype(np.float32).copy())
+        notes.update(components=int(k),
+                     explained_variance=float(pca.explained_variance_ratio_.sum()))
     lw = LedoitWolf(assume_centered=True).fit(z)
-    cal = Calibration(
-        ood_mean=torch.from_numpy(mean.astype(np.float32)),
-        ood_projection=torch.from_numpy(pca.components_.T.astype(np.float32).copy()),
-        ood_precision=torch.from_numpy(lw.precision_.astype(np.float32)),
-    )
-    val_scores = ood_scores(torch.from_numpy(val_emb), cal)
+    notes["shrinkage"] = float(lw.shrinkage_)
+    return (torch.from_numpy(mean.astype(np.float32)), projection,
+            torch.from_numpy(lw.precision_.astype(np.float32)), notes)
+
+
+def fit_ood(
+    train_emb: np.ndarray, val_emb: np.ndarray, content_dims: int | None = None,
+    components: int = OOD_COMPONENTS,
+) -> tuple[Calibration, dict[str, Any]]:
+    """Both OOD distances (content: the first ``content_dims`` columns, in PCA span;
+    acquisition: the rest, full rank), each scaled by its Val 95th percentile, and the combined
+    threshold at the Val 95th percentile. ``content_dims=None``: content only."""
+    content_dims = train_emb.shape[1] if content_dims is None else content_dims
+    mean, proj, prec, content_notes = fit_mahalanobis(train_emb[:, :content_dims], components)
+    cal = Calibration(ood_mean=mean, ood_projection=proj, ood_precision=prec)
+    notes: dict[str, Any] = {"train_images": len(train_emb), "val_pass_rate": OOD_PASS_RATE,
+                             "content": content_notes}
+    val = torch.from_numpy(val_emb)
+    content_val = ood_scores(val, cal)  # unscaled: ood_scale is still 1
+    assert content_val is not None
+    cal.ood_scale = float(np.quantile(content_val, OOD_PASS_RATE))
+    if content_dims < train_emb.shape[1]:
+        s_mean, _, s_prec, style_notes = fit_mahalanobis(train_emb[:, content_dims:])
+        style_val = mahalanobis(val[:, content_dims:], s_mean, s_prec).double().numpy()
+        cal.style_mean, cal.style_precision = s_mean, s_prec
+        cal.style_scale = float(np.quantile(style_val, OOD_PASS_RATE))
+        notes["acquisition"] = style_notes
+    val_scores = ood_scores(val, cal)
     assert val_scores is not None
     cal.ood_threshold = float(np.quantile(val_scores, OOD_PASS_RATE))
-    return cal, {"shrinkage": float(lw.shrinkage_), "dim": int(train_emb.shape[1]),
-                 "components": int(k),
-                 "explained_variance": float(pca.explained_variance_ratio_.sum()),
-                 "train_images": len(train_emb), "val_pass_rate": OOD_PASS_RATE}
+    notes.update(content_scale=cal.ood_scale, acquisition_scale=cal.style_scale,
+                 threshold=cal.ood_threshold)
+    return cal, notes
 
 
 def calibrate(args: argparse.Namespace) -> Calibration:
@@ -137,7 +174,8 @@ def calibrate(args: argparse.Namespace) -> Calibration:
             np.linspace(0, len(train) - 1, args.ood_train_limit).round().astype(int)))
     train_out = run_network(loaded, train.images, keep_maps=False, progress=args.progress)
 
-    cal, ood_notes = fit_ood(train_out.embedding, val_out.embedding)
+    cal, ood_notes = fit_ood(train_out.embedding, val_out.embedding,
+                             content_dims=loaded.model.content_dims)
     cal.temperature = fit_temperature(val_out.logits, val.labels)
     probs = torch.softmax(torch.from_numpy(val_out.logits) / cal.temperature, 1).numpy()
     covid_idx = list(loaded.config.class_names).index("COVID-19")
