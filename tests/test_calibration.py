@@ -191,3 +191,31 @@ def test_external_reader_letterboxes_like_the_app(tmp_path: Path) -> None:
     # 100x50 -> 64x32 centred: black bars left and right, mask only on the content
     assert ext.arrays.images[0, :, :16].max() == 0 and ext.arrays.images[0, :, 20:44].min() > 150
     assert ext.arrays.lungs[0, :, :16].sum() == 0 and ext.arrays.lungs[0, :, 20:44].all()
+
+
+def test_calibrate_cli_writes_both_ood_parts_and_the_new_version(
+    tmp_path: Path, random_checkpoint: Path
+) -> None:
+    """``python -m training.calibrate`` on a miniature COVID-QU-Ex: the written checkpoint
+    carries the content and acquisition references, its own version, and predictions get an
+    out-of-domain score and flag."""
+    from covid_qu_ex import build_mini_tree
+
+    from inference.predict import predict
+    from training.calibrate import main
+
+    root = tmp_path / "qu-ex"
+    for split, copies in (("Train", 3), ("Val", 2)):
+        build_mini_tree(root, copies=copies, splits=(split,))
+    out = tmp_path / "calibrated.pt"
+    main(["--data", str(root), "--checkpoint", str(random_checkpoint), "--out", str(out),
+          "--cache-dir", str(tmp_path / "cache"), "--version", "9.9.1", "--threads", "1"])
+    loaded = load_checkpoint(out)
+    cal = loaded.calibration
+    assert loaded.version == "9.9.1"
+    assert cal.has_ood and cal.style_mean is not None and cal.style_precision is not None
+    stages = loaded.model.net.encoder.out_channels[1:5]
+    assert cal.style_mean.shape[0] == 2 * sum(stages)
+    assert cal.ood_mean is not None and cal.ood_mean.shape[0] == loaded.model.content_dims
+    pred = predict(np.full((300, 260), 0.5, np.float32), loaded)
+    assert pred.ood_score is not None and pred.in_domain is not None

@@ -191,6 +191,8 @@ def calibrate(args: argparse.Namespace) -> Calibration:
         "masks": mask_notes, "ood": ood_notes,
     }
     meta = dict(loaded.meta)
+    if args.version:  # new decisions on the same weights are a new model version
+        meta["version"] = args.version
     meta["calibration"] = cal.notes
     save_checkpoint(loaded.model, args.out, meta=meta, half=True, calibration=cal)
     return cal
@@ -207,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ood-train-limit", type=int, default=0,
                    help="fit the out-of-domain reference on N evenly spaced Train images (0: all)")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--version", default="", help="version of the written checkpoint (default: "
+                   "the input's)")
     return p.parse_args(argv)
 
 
