@@ -11,7 +11,7 @@ used. What is fitted, and how:
   min(sensitivity, specificity) of COVID-19 against the rest on Val (the balanced point);
 - lung clean-up (two largest components, holes filled): kept if it raises the Val per-image
   mean lung Dice;
-- infection threshold: the one of 0.30, 0.35, ..., 0.70 with the highest Val per-image mean
+- infection threshold: the one of 0.10, 0.15, ..., 0.70 with the highest Val per-image mean
   infection Dice on COVID-19 images;
 - out-of-domain reference (:mod:`inference.calibration`): for the content features, mean, top-256
   principal axes and Ledoit-Wolf precision (in that span) of the Train embeddings (no
@@ -43,7 +43,7 @@ from training.data import load_split
 from training.metrics import dice_iou_per_image
 from training.outputs import RawOutputs, run_network
 
-INFECTION_GRID = tuple(round(x, 2) for x in np.arange(0.30, 0.701, 0.05))
+INFECTION_GRID = tuple(round(x, 2) for x in np.arange(0.10, 0.701, 0.05))
 OOD_PASS_RATE = 0.95
 OOD_COMPONENTS = 256
 
