@@ -9,6 +9,8 @@ of operations per aggregate. Storage only: knows nothing of Streamlit, inference
 - ``database.model_versions``  registered checkpoints, the active one, lineage
 - ``database.predictions``     the model's output per (image, model version)
 - ``database.annotation_versions`` append-only human masks, concurrency, review, training set
+- ``database.reading_versions`` the readings (label + finding), versioned the same way
+- ``database.versioning``      what those two share: heads, stale refusals, review roles
 - ``database.worklist``        the worklist and the next study to look at
 - ``database.runs``            fine-tuning runs
 
@@ -21,8 +23,8 @@ Every operation takes a Session and never commits: the caller owns the transacti
         user = users.get_or_create_user(s, "ann", "annotator")
 """
 
-from database.annotation_versions import RoleError, StaleVersionError
 from database.session import data_dir_for, init_db, make_engine, session_scope
+from database.versioning import RoleError, StaleVersionError
 
 __all__ = [
     "RoleError",

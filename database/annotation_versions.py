@@ -1,4 +1,5 @@
-"""Annotation versions: append-only human masks per (image, kind), and who may save what.
+"""Annotation versions: append-only human masks per (image, kind), and who may save what (the
+rules shared with readings, and ``RoleError``/``StaleVersionError``, are ``database.versioning``).
 
 Concurrency rule: the *head* of (image, kind) is its newest non-conflict version. A save names
 the head it was drawn on (``base_version_id``; None when there is no head yet). If another save
@@ -16,83 +17,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from database.masks import mask_to_png, png_to_mask
-from database.models import (
-    ANNOTATION_STATUSES,
-    MASK_KINDS,
-    REVIEW_STATUSES,
-    AnnotationVersion,
-    Image,
-    Prediction,
-    User,
+from database.models import MASK_KINDS, AnnotationVersion, User
+from database.versioning import (
+    check_head,
+    check_prediction,
+    check_status,
+    known_statuses,
+    lock_image,
+    mark_submitted,
+    require_radiologist,
+    stale,
 )
 
 log = logging.getLogger(__name__)
-
-
-class RoleError(PermissionError):
-    """The user's role does not allow this action."""
-
-
-class StaleVersionError(Exception):
-    """A save was based on a version that is no longer the head of (image, kind).
-
-    ``conflict_version_id`` is the draft the refused mask was kept as (None until the caller
-    kept it with ``save_conflict_draft``, and for review actions, which draw nothing).
-    """
-
-    def __init__(
-        self,
-        *,
-        image_id: int,
-        kind: str,
-        base_version_id: int | None,
-        head_id: int,
-        head_author: str,
-        head_status: str,
-        head_created: datetime,
-        conflict_version_id: int | None,
-    ) -> None:
-        self.image_id = image_id
-        self.kind = kind
-        self.base_version_id = base_version_id
-        self.head_id = head_id
-        self.head_author = head_author
-        self.head_status = head_status
-        self.head_created = head_created
-        self.conflict_version_id = conflict_version_id
-        when = head_created.strftime("%Y-%m-%d %H:%M:%S UTC")
-        what = "reading" if kind == "reading" else f"{kind} mask"  # database.reading_versions
-        mine = "reading" if kind == "reading" else "mask"
-        message = (
-            f"{head_author} saved a newer {what} ({head_status}, version {head_id}) at "
-            f"{when}, after the version you started from."
-        )
-        if conflict_version_id is not None:
-            message += (
-                f" Your {mine} was kept as draft version {conflict_version_id}; "
-                "open the latest version to merge your changes."
-            )
-        super().__init__(message)
-
-    def kept_as(self, conflict_version_id: int) -> StaleVersionError:
-        """The same refusal, saying which conflict draft the mask was kept as."""
-        return StaleVersionError(
-            image_id=self.image_id,
-            kind=self.kind,
-            base_version_id=self.base_version_id,
-            head_id=self.head_id,
-            head_author=self.head_author,
-            head_status=self.head_status,
-            head_created=self.head_created,
-            conflict_version_id=conflict_version_id,
-        )
 
 
 def _check_kind(kind: str) -> None:
@@ -115,33 +58,6 @@ def head_version(session: Session, image_id: int, kind: str) -> AnnotationVersio
     )
 
 
-def _lock_image(session: Session, image_id: int) -> Image:
-    # FOR UPDATE serialises savers on PostgreSQL; SQLite already holds its write lock.
-    image = session.get(Image, image_id, with_for_update=True)
-    if image is None:
-        raise LookupError(f"no image {image_id}")
-    return image
-
-
-def _stale(
-    image_id: int,
-    kind: str,
-    base_version_id: int | None,
-    head: AnnotationVersion,
-    conflict_version_id: int | None,
-) -> StaleVersionError:
-    return StaleVersionError(
-        image_id=image_id,
-        kind=kind,
-        base_version_id=base_version_id,
-        head_id=head.id,
-        head_author=head.author.name,
-        head_status=head.status,
-        head_created=head.created,
-        conflict_version_id=conflict_version_id,
-    )
-
-
 def _check_save(
     session: Session,
     image_id: int,
@@ -150,7 +66,7 @@ def _check_save(
     base_version_id: int | None,
     prediction_id: int | None,
 ) -> None:
-    image = _lock_image(session, image_id)
+    image = lock_image(session, image_id)
     if np.shape(mask) != (image.height, image.width):
         raise ValueError(
             f"the mask has shape {np.shape(mask)}, the image is {image.height}x{image.width}"
@@ -159,10 +75,7 @@ def _check_save(
         base = session.get(AnnotationVersion, base_version_id)
         if base is None or base.image_id != image_id or base.kind != kind:
             raise ValueError(f"version {base_version_id} is not a {kind} mask of this image")
-    if prediction_id is not None:
-        pred = session.get(Prediction, prediction_id)
-        if pred is None or pred.image_id != image_id:
-            raise ValueError(f"prediction {prediction_id} is not of this image")
+    check_prediction(session, image_id, prediction_id)
 
 
 def _append(
@@ -210,16 +123,13 @@ def save_annotation(
     ``save_conflict_draft``. ``approved``/``returned`` require a radiologist.
     """
     _check_kind(kind)
-    if status not in ANNOTATION_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(ANNOTATION_STATUSES)}, not {status!r}")
-    if status in REVIEW_STATUSES and author.role != "radiologist":
-        raise RoleError(f"only a radiologist may mark a mask {status}")
+    check_status(status, author, "mask")
     _check_save(session, image_id, kind, mask, base_version_id, prediction_id)
     head = head_version(session, image_id, kind)
     if (head.id if head is not None else None) != base_version_id:
         assert head is not None  # a valid base implies a head exists
         log.info("refused stale save on image %s %s", image_id, kind)
-        raise _stale(image_id, kind, base_version_id, head, None)
+        raise stale(image_id, kind, base_version_id, head)
     return _append(
         session, image_id, kind, mask_to_png(mask), author, status, base_version_id,
         prediction_id, comment,
@@ -257,28 +167,14 @@ def _review(
     comment: str | None,
 ) -> AnnotationVersion:
     _check_kind(kind)
-    if reviewer.role != "radiologist":
-        raise RoleError(f"only a radiologist may mark a mask {status}")
-    _lock_image(session, image_id)
-    head = head_version(session, image_id, kind)
-    if head is None:
-        raise ValueError(f"there is no {kind} mask to review for this image")
-    if head.id != base_version_id:
-        raise _stale(image_id, kind, base_version_id, head, None)
-    version = AnnotationVersion(
-        image_id=image_id,
-        kind=kind,
-        mask_png=head.mask_png,
-        author_id=reviewer.id,
-        status=status,
-        parent_id=head.id,
-        prediction_id=head.prediction_id,
-        conflict=False,
-        comment=comment,
+    require_radiologist(reviewer, status, "mask")
+    lock_image(session, image_id)
+    head = check_head(image_id, kind, head_version(session, image_id, kind), base_version_id,
+                      "review")
+    return _append(
+        session, image_id, kind, head.mask_png, reviewer, status, head.id, head.prediction_id,
+        comment,
     )
-    session.add(version)
-    session.flush()
-    return version
 
 
 def approve_annotation(
@@ -315,22 +211,10 @@ def submit_draft(
     is saved as a new version instead (``save_annotation``).
     """
     _check_kind(kind)
-    _lock_image(session, image_id)
-    head = head_version(session, image_id, kind)
-    if head is None:
-        raise ValueError(f"there is no {kind} mask to submit for this image")
-    if head.id != base_version_id:
-        raise _stale(image_id, kind, base_version_id, head, None)
-    if head.status != "draft":
-        raise ValueError(f"version {head.id} is {head.status}, not a draft")
-    # A targeted UPDATE: the ORM flush path stays append-only (models' before_update guard).
-    session.execute(
-        update(AnnotationVersion)
-        .where(AnnotationVersion.id == head.id, AnnotationVersion.status == "draft")
-        .values(status="submitted")
-        .execution_options(synchronize_session="fetch")
-    )
-    session.refresh(head)
+    lock_image(session, image_id)
+    head = check_head(image_id, kind, head_version(session, image_id, kind), base_version_id,
+                      "submit")
+    mark_submitted(session, head)
     log.info("image %s %s: draft %s submitted by user %s", image_id, kind, head.id, submitter.id)
     return head
 
@@ -385,10 +269,7 @@ def training_annotations(
     A later ``returned`` version vetoes what it sent back (a newer submission counts again);
     later drafts do not. Ordered by image, kind.
     """
-    wanted = set(statuses)
-    bad = wanted - set(ANNOTATION_STATUSES)
-    if bad:
-        raise ValueError(f"unknown statuses {sorted(bad)}")
+    wanted = known_statuses(statuses)
     considered = wanted | {"returned"}
     latest = (
         select(

@@ -1,5 +1,5 @@
 """Reading versions: append-only readings (label + free-text finding) per study, and who may
-save what. The same rules as ``database.annotation_versions`` for masks:
+save what. The same rules as ``database.annotation_versions`` for masks (``database.versioning``):
 
 - the *head* of a study is its newest non-conflict reading version; a save names the head it
   was made on (``base_version_id``; None when there is none yet). If another save got in first,
@@ -19,17 +19,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from database.annotation_versions import RoleError, StaleVersionError
-from database.models import (
-    ANNOTATION_STATUSES,
-    REVIEW_STATUSES,
-    Image,
-    Prediction,
-    ReadingVersion,
-    User,
+from database.models import REVIEW_STATUSES, ReadingVersion, User
+from database.versioning import (
+    check_head,
+    check_prediction,
+    check_status,
+    known_statuses,
+    lock_image,
+    mark_submitted,
+    require_radiologist,
+    stale,
 )
 from settings import READING_LABELS
 
@@ -58,37 +60,15 @@ def head_reading(session: Session, image_id: int) -> ReadingVersion | None:
     )
 
 
-def _lock_image(session: Session, image_id: int) -> None:
-    # FOR UPDATE serialises savers on PostgreSQL; SQLite already holds its write lock.
-    if session.get(Image, image_id, with_for_update=True) is None:
-        raise LookupError(f"no image {image_id}")
-
-
 def _check_refs(
     session: Session, image_id: int, base_version_id: int | None, prediction_id: int | None
 ) -> None:
-    _lock_image(session, image_id)
+    lock_image(session, image_id)
     if base_version_id is not None:
         base = session.get(ReadingVersion, base_version_id)
         if base is None or base.image_id != image_id:
             raise ValueError(f"version {base_version_id} is not a reading of this image")
-    if prediction_id is not None:
-        pred = session.get(Prediction, prediction_id)
-        if pred is None or pred.image_id != image_id:
-            raise ValueError(f"prediction {prediction_id} is not of this image")
-
-
-def _stale(image_id: int, base_version_id: int | None, head: ReadingVersion) -> StaleVersionError:
-    return StaleVersionError(
-        image_id=image_id,
-        kind=KIND,
-        base_version_id=base_version_id,
-        head_id=head.id,
-        head_author=head.author.name,
-        head_status=head.status,
-        head_created=head.created,
-        conflict_version_id=None,
-    )
+    check_prediction(session, image_id, prediction_id)
 
 
 def _append(session: Session, **values: object) -> ReadingVersion:
@@ -115,16 +95,13 @@ def save_reading(
     ``save_conflict_reading_draft``. ``approved``/``returned`` require a radiologist.
     """
     label, finding = _clean(label, finding)
-    if status not in ANNOTATION_STATUSES:
-        raise ValueError(f"status must be one of {', '.join(ANNOTATION_STATUSES)}, not {status!r}")
-    if status in REVIEW_STATUSES and author.role != "radiologist":
-        raise RoleError(f"only a radiologist may mark a reading {status}")
+    check_status(status, author, "reading")
     _check_refs(session, image_id, base_version_id, prediction_id)
     head = head_reading(session, image_id)
     if (head.id if head is not None else None) != base_version_id:
         assert head is not None  # a valid base implies a head exists
         log.info("refused stale reading save on image %s", image_id)
-        raise _stale(image_id, base_version_id, head)
+        raise stale(image_id, KIND, base_version_id, head)
     return _append(
         session, image_id=image_id, label=label, finding=finding, author_id=author.id,
         status=status, parent_id=base_version_id, prediction_id=prediction_id, conflict=False,
@@ -166,14 +143,9 @@ def review_reading(
     a new version with the head's label and finding."""
     if status not in REVIEW_STATUSES:
         raise ValueError(f"a review is one of {', '.join(REVIEW_STATUSES)}, not {status!r}")
-    if reviewer.role != "radiologist":
-        raise RoleError(f"only a radiologist may mark a reading {status}")
-    _lock_image(session, image_id)
-    head = head_reading(session, image_id)
-    if head is None:
-        raise ValueError("there is no reading to review for this image")
-    if head.id != base_version_id:
-        raise _stale(image_id, base_version_id, head)
+    require_radiologist(reviewer, status, "reading")
+    lock_image(session, image_id)
+    head = check_head(image_id, KIND, head_reading(session, image_id), base_version_id, "review")
     return _append(
         session, image_id=image_id, label=head.label, finding=head.finding,
         author_id=reviewer.id, status=status, parent_id=head.id,
@@ -186,22 +158,9 @@ def submit_reading_draft(
 ) -> ReadingVersion:
     """Submit the head draft for review as it is: its status becomes ``submitted`` in place
     (the one change a saved reading may undergo, as for masks)."""
-    _lock_image(session, image_id)
-    head = head_reading(session, image_id)
-    if head is None:
-        raise ValueError("there is no reading to submit for this image")
-    if head.id != base_version_id:
-        raise _stale(image_id, base_version_id, head)
-    if head.status != "draft":
-        raise ValueError(f"version {head.id} is {head.status}, not a draft")
-    # A targeted UPDATE: the ORM flush path stays append-only (models' before_update guard).
-    session.execute(
-        update(ReadingVersion)
-        .where(ReadingVersion.id == head.id, ReadingVersion.status == "draft")
-        .values(status="submitted")
-        .execution_options(synchronize_session="fetch")
-    )
-    session.refresh(head)
+    lock_image(session, image_id)
+    head = check_head(image_id, KIND, head_reading(session, image_id), base_version_id, "submit")
+    mark_submitted(session, head)
     log.info("image %s: reading draft %s submitted by user %s", image_id, head.id, submitter.id)
     return head
 
@@ -225,9 +184,7 @@ def current_readings(
     """Per study, the newest non-conflict reading among ``statuses`` that no later ``returned``
     version vetoes; an approved version wins over a newer submitted one (readers see what was
     approved until the revision is approved too)."""
-    wanted = set(statuses)
-    if wanted - set(ANNOTATION_STATUSES):
-        raise ValueError(f"unknown statuses {sorted(wanted - set(ANNOTATION_STATUSES))}")
+    wanted = known_statuses(statuses)
     found: dict[int, ReadingVersion] = {}
     for status in ("submitted", "approved"):  # approved last: it wins where both exist
         if status not in wanted:
@@ -257,9 +214,7 @@ def training_readings(
     """For fine-tuning, as ``annotation_versions.training_annotations`` for masks: per study the
     newest non-conflict reading among ``statuses``; a later ``returned`` vetoes it, later
     drafts do not. Ordered by image."""
-    wanted = set(statuses)
-    if wanted - set(ANNOTATION_STATUSES):
-        raise ValueError(f"unknown statuses {sorted(wanted - set(ANNOTATION_STATUSES))}")
+    wanted = known_statuses(statuses)
     latest = (
         select(ReadingVersion.image_id, func.max(ReadingVersion.id).label("vid"))
         .where(

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from database import annotation_versions, users
+from database import annotation_versions, users, versioning
 from database.masks import MaskError, read_mask_file, resize_mask
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
@@ -124,7 +124,7 @@ def import_masks(
     if lung_dir is None and infection_dir is None:
         raise ValueError("give at least one of the lung or infection mask folders")
     if status in REVIEW_STATUSES and role != "radiologist":
-        raise annotation_versions.RoleError(f"only a radiologist may import masks as {status}")
+        raise versioning.RoleError(f"only a radiologist may import masks as {status}")
     mask_dirs = {k: d for k, d in (("lung", lung_dir), ("infection", infection_dir)) if d}
     indexes = {kind: _index(d) for kind, d in mask_dirs.items()}
     with session_scope(engine) as s:

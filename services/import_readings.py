@@ -30,9 +30,9 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from database import reading_versions, users
-from database.annotation_versions import RoleError
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
+from database.versioning import RoleError
 from inference.checks import UnsupportedImage
 from inference.isolation import load_xray_isolated
 from inference.loading import XRay

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from database import annotation_versions, reading_versions
+from database import reading_versions, versioning
 from database.models import User
 from services.ingest import SessionFactory
 from services.studies import STATUS_LABELS, SaveOutcome
@@ -135,7 +135,7 @@ def save_reading(
                 base_version_id, comment=comment, prediction_id=prediction_id,
             )
             new_id = int(version.id)
-    except annotation_versions.StaleVersionError as refused:
+    except versioning.StaleVersionError as refused:
         with scope() as session:
             draft = reading_versions.save_conflict_reading_draft(
                 session, image_id, label, finding, _user(session, user_id), base_version_id,
@@ -143,7 +143,7 @@ def save_reading(
             )
             kept = refused.kept_as(int(draft.id))
         return SaveOutcome(False, kept.conflict_version_id, str(kept))
-    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
+    except (versioning.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = {"draft": "Reading saved as a draft", "submitted": "Reading submitted for review"}.get(
         status, f"Reading saved as {STATUS_LABELS.get(status, status)}"
@@ -193,9 +193,9 @@ def change_reading_status(
             )
             done = int(version.id)
         return SaveOutcome(True, done, f"Reading submitted for review: version {done}.")
-    except annotation_versions.StaleVersionError as exc:
+    except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
-    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
+    except (versioning.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from database import annotation_versions, images, model_versions, predictions
+from database import annotation_versions, images, model_versions, predictions, versioning
 from database import worklist as worklist_queries
 from database.models import User
 from inference.gradcam import gradcam
@@ -309,7 +309,7 @@ def save_mask(
                 prediction_id=prediction_id,
             )
             new_id = int(version.id)
-    except annotation_versions.StaleVersionError as refused:
+    except versioning.StaleVersionError as refused:
         with scope() as session:
             draft = annotation_versions.save_conflict_draft(
                 session,
@@ -323,7 +323,7 @@ def save_mask(
             )
             kept = refused.kept_as(int(draft.id))
         return SaveOutcome(False, kept.conflict_version_id, str(kept))
-    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
+    except (versioning.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = {"draft": "Draft saved", "submitted": "Submitted for review"}.get(
         status, f"Saved as {STATUS_LABELS.get(status, status)}"
@@ -354,9 +354,9 @@ def review_head(
         with scope() as session:
             version = fn(session, image_id, kind, _user(session, user_id), base_version_id, comment)
             new_id = int(version.id)
-    except annotation_versions.StaleVersionError as exc:
+    except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
-    except (annotation_versions.RoleError, ValueError, LookupError) as exc:
+    except (versioning.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
     word = "Approved" if action == "approve" else "Sent back"
     return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")
@@ -400,7 +400,7 @@ def change_status(
                 session, image_id, kind, _user(session, user_id), base_version_id
             )
             done = int(version.id)
-    except annotation_versions.StaleVersionError as exc:
+    except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
     except (ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))

@@ -10,11 +10,11 @@ import numpy as np
 from sqlalchemy import Engine, func, select
 
 from database import annotation_versions, images, model_versions
-from database.annotation_versions import StaleVersionError
 from database.models import Image, ModelVersion, User
 from database.session import (
     session_scope,
 )
+from database.versioning import StaleVersionError
 
 H, W = 48, 64
 DATABASE_BACKENDS = ("sqlite", "postgresql")  # conftest's engine / database_url run on each

@@ -20,12 +20,12 @@ from db_helpers import (
 from sqlalchemy import Engine
 
 from database import annotation_versions, predictions, users
-from database.annotation_versions import RoleError, StaleVersionError
 from database.models import AnnotationVersion, User
 from database.session import (
     make_engine,
     session_scope,
 )
+from database.versioning import RoleError, StaleVersionError
 
 # --------------------------------------------------------------------------- annotation versions
 

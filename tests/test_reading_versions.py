@@ -9,9 +9,9 @@ from db_helpers import FakePrediction, add_image, count, model_version
 from sqlalchemy import Engine
 
 from database import predictions, reading_versions, users
-from database.annotation_versions import RoleError, StaleVersionError
 from database.models import ReadingVersion
 from database.session import session_scope
+from database.versioning import RoleError, StaleVersionError
 from services import reading_labels
 
 
