@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install run test lint browser postgresql bench
+.PHONY: install run test lint browser postgresql dicom-tools bench
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ browser:
 postgresql:
 	@bash scripts/ensure_postgresql.sh
 
-test: install browser postgresql
+# DICOM tests need Debian's dicom3tools, dcmtk and Orthanc (+ DICOMweb); installed the same way.
+dicom-tools:
+	@bash scripts/ensure_dicom_tools.sh
+
+test: install browser postgresql dicom-tools
 	$(PY) -m pytest
 
 # ruff over everything; mypy over the typed layers (settings, database, inference, services,

@@ -12,8 +12,9 @@ Environment variables (all optional):
                           (default ``../shared/data/covid-qu-ex`` beside the repository)
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
-- ``INFMAP_REQUIRE_SERVERS``  ``1`` (CI): tests needing a server the tests start themselves
-                          (PostgreSQL) fail instead of skipping when it is not installed
+- ``INFMAP_REQUIRE_SERVERS``  ``1`` (CI): tests needing a server or tool the tests use from
+                          Debian (PostgreSQL; Orthanc + DICOMweb, dicom3tools, dcmtk) fail
+                          instead of skipping when it is not installed
 - ``INFMAP_ID_SALT``      salt of the hashed patient ID (``inference.deid``)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)

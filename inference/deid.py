@@ -20,3 +20,16 @@ def patient_hash(patient_id: str | None) -> str | None:
         return None
     salt = settings.id_salt()
     return hashlib.sha256(f"{salt}\x00{pid}".encode()).hexdigest()
+
+
+def deidentified_uid(uid: str | None) -> str | None:
+    """A stable stand-in for a DICOM UID (study, series, instance): ``2.25.<128-bit integer>``
+    from the salted sha256 of the original, as the DICOM Basic Profile replaces UIDs. The same
+    original always maps to the same stand-in, so a study's files stay together."""
+    if uid is None:
+        return None
+    value = str(uid).strip().rstrip("\x00")
+    if not value:
+        return None
+    digest = hashlib.sha256(f"{settings.id_salt()}\x00uid\x00{value}".encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"

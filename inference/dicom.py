@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from inference.checks import UnsupportedImage, check_dimensions, check_memory
-from inference.deid import patient_hash
+from inference.deid import deidentified_uid, patient_hash
 from inference.dicom_display import UNDECODABLE, colour, monochrome
 from inference.dicom_header import check_content, header_str, patient_id, pixel_spacing, quiet
 from inference.limits import MAX_PIXELS
@@ -133,8 +133,34 @@ def _decode_dicom(data: bytes, force: bool) -> DecodedDicom:
         "bits_stored": bits_stored,
         "format": "DICOM",
         "patient_hash": patient_hash(patient_id(ds)),
+        # De-identified stand-ins (``inference.deid``): what a DICOM SEG of this study refers to.
+        "study_uid": deidentified_uid(_uid(ds, "StudyInstanceUID")),
+        "series_uid": deidentified_uid(_uid(ds, "SeriesInstanceUID")),
+        "sop_instance_uid": deidentified_uid(_uid(ds, "SOPInstanceUID")),
+        "sop_class_uid": _uid(ds, "SOPClassUID"),  # the kind of object, not identifying
+        "patient_orientation": _orientation(ds),
     }
     return DecodedDicom(pixels=pixels, raw=raw, window=window, invert=invert, metadata=metadata)
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # an undecodable value counts as absent
+        return None
+    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    return text or None
+
+
+def _orientation(ds: Dataset) -> list[str] | None:
+    """PatientOrientation (row and column directions, e.g. ['L', 'F']) if the file states it."""
+    try:
+        value = ds.get("PatientOrientation")
+        parts = [str(v).strip().upper() for v in value] if value is not None else []
+    except Exception:
+        return None
+    ok = len(parts) == 2 and all(p and set(p) <= set("LRAPHF") for p in parts)
+    return parts if ok else None
 
 
 def _read_dataset(data: bytes, force: bool) -> Dataset:

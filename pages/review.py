@@ -15,7 +15,8 @@ import streamlit as st
 
 from inference.windowing import apply_window
 from pages import common, reading_panel
-from services import display, readings, studies
+from services import display, readings, seg_export, studies
+from services.dicom_seg import SegError
 
 PLOTLY_CONFIG = {
     "scrollZoom": True,
@@ -140,6 +141,31 @@ def facts(
         st.caption("De-identified summary: no names, dates of birth or IDs are kept.")
 
 
+def seg_download(image_id: int, shown: readings.Reading, model_version: str) -> None:
+    """The masks shown as a DICOM SEG (with its Secondary Capture for a PNG/JPEG study)."""
+    versions = {kind: v.id for kind, v in shown.items()}
+    wanted = (image_id, tuple(sorted(versions.items())), model_version)
+    with st.expander("Export the masks shown as DICOM SEG"):
+        st.caption(
+            "Two segments (lung, infection) referring to the de-identified image; a PNG/JPEG "
+            "study comes with a DICOM Secondary Capture of its image, in one ZIP."
+        )
+        if st.button("Prepare DICOM SEG", icon=":material/deployed_code:", key="review.seg"):
+            try:
+                made = seg_export.study_seg(common.db, image_id, versions, model_version)
+            except (SegError, LookupError) as exc:
+                st.error(str(exc))
+            else:
+                st.session_state["review.seg_file"] = (wanted, made.download())
+        ready = st.session_state.get("review.seg_file")
+        if ready is not None and ready[0] == wanted:
+            name, data, mime = ready[1]
+            st.download_button(
+                "Download DICOM SEG", data, file_name=name, mime=mime,
+                icon=":material/download:", key="review.seg_download",
+            )
+
+
 def main() -> None:
     st.title("Review")
     info = common.study_picker(common.selected_study_id(), key="review.study")
@@ -242,6 +268,7 @@ def main() -> None:
             else "the human and model masks read"
         )
         facts(info, pred, model.version, summary, source)
+        seg_download(info.image_id, shown, model.version)
     st.divider()
     reading_panel.reading_section(info, pred)
 

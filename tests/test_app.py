@@ -125,6 +125,15 @@ def test_review_page_shows_probabilities_and_severity(app_env: str) -> None:
     assert [s.label for s in at.selectbox if s.label == "Grad-CAM explains"]
 
 
+def test_review_page_prepares_a_dicom_seg_of_the_masks_shown(app_env: str) -> None:
+    at = run_app("pages/review.py")
+    assert not any(b.proto.label == "Download DICOM SEG" for b in at.get("download_button"))
+    at.button(key="review.seg").click().run()
+    assert not at.exception and not at.error, at.exception or at.error
+    downloads = [b for b in at.get("download_button") if b.proto.label == "Download DICOM SEG"]
+    assert len(downloads) == 1
+
+
 def test_saving_on_the_correction_page_creates_a_version(app_env: str) -> None:
     at = run_app("pages/correction.py")
     sign_in(at, "Saver Sam", "radiologist")
