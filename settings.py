@@ -135,3 +135,17 @@ def upload_limit_mb(config_path: Path = STREAMLIT_CONFIG) -> int:
     except FileNotFoundError:
         return STREAMLIT_DEFAULT_UPLOAD_MB
     return int(config.get("server", {}).get("maxUploadSize", STREAMLIT_DEFAULT_UPLOAD_MB))
+
+
+# ----------------------------------------------------------------------------- command lines
+def cli_path(value: str) -> Path:
+    """A path given on a command line, made absolute (``~`` expanded, ``..`` folded) at once, so
+    a relative path means the caller's folder wherever it is used later, and a link made to it
+    from another folder resolves. Symlinks are kept (a linked file keeps its own name).
+    argparse ``type=``."""
+    return Path(os.path.abspath(Path(value).expanduser()))
+
+
+def cli_path_str(value: str) -> str:
+    """:func:`cli_path` as a string; an empty value stays empty (it means "none" where allowed)."""
+    return str(cli_path(value)) if value else value

@@ -68,7 +68,8 @@ SUBSET = "Infection Segmentation Data"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default=str(settings.shared_data_dir()), help="COVID-QU-Ex root")
+    p.add_argument("--data", type=settings.cli_path_str, default=str(settings.shared_data_dir()),
+                   help="COVID-QU-Ex root")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corrections", default="10,25,50,100", help="cumulative counts")
     p.add_argument("--base-steps", type=int, default=200, help="base model training steps")
@@ -81,9 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-size", type=int, default=ft.FinetuneOptions.val_size,
                    help="fine-tuning's own Val gate subset (disjoint from the held-out set)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--cache-dir", default=".cache/covid-qu-ex")
-    p.add_argument("--work-dir", default=str(WORK))
-    p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--cache-dir", type=settings.cli_path_str, default=".cache/covid-qu-ex")
+    p.add_argument("--work-dir", type=settings.cli_path_str, default=str(WORK))
+    p.add_argument("--out-dir", type=settings.cli_path_str, default=str(RESULTS))
     p.add_argument("--tiny", action="store_true",
                    help="smoke test: 128 px model, a few steps, small sets (not a result)")
     return p.parse_args(argv)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+import settings
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
 
 import argparse  # noqa: E402
@@ -189,12 +191,13 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--checkpoint", type=settings.cli_path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--png", help="PNG to time (default: first COVID-QU-Ex Test COVID-19 image)")
-    p.add_argument("--dicom", help="DICOM to time (default: pydicom-data RG1_UNCR.dcm)")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--dicom", type=settings.cli_path_str,
+                   help="DICOM to time (default: pydicom-data RG1_UNCR.dcm)")
+    p.add_argument("--out", type=settings.cli_path, default=RESULTS)
     p.add_argument("--note", default="", help="free text stored with the results (e.g. load)")
     return p.parse_args(argv)
 

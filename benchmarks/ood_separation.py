@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 
+import settings
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download weights at run time
 
 import argparse  # noqa: E402
@@ -305,19 +307,19 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--checkpoint", type=settings.cli_path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--score", choices=("model", "msp"), default="model",
                         help="model: Prediction.ood_score; msp: 1 - max softmax, Val-fitted")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most N images per COVID-QU-Ex split / external-dev (quick run)")
     parser.add_argument("--transformed", type=int, default=300,
                         help="Test images per transform (rotated, inverted, cropped)")
-    parser.add_argument("--data", type=Path, default=ood_inputs.DEFAULT_DATA)
+    parser.add_argument("--data", type=settings.cli_path, default=ood_inputs.DEFAULT_DATA)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest on a busy 2-core machine (measured "
                              "0.27 s against 4.9 s per 256 px prediction with 2 threads)")
-    parser.add_argument("--output", type=Path, default=None,
+    parser.add_argument("--output", type=settings.cli_path, default=None,
                         help="default benchmarks/results/ood_separation[_msp].json")
     args = parser.parse_args(argv)
     output = args.output or RESULTS_DIR / (

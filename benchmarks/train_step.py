@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=8, help="timed steps per setting")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default=str(RESULTS), help="result JSON")
+    p.add_argument("--out", type=settings.cli_path_str, default=str(RESULTS), help="result JSON")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

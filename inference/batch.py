@@ -142,9 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+    p.add_argument("inputs", nargs="+", type=settings.cli_path_str, metavar="INPUT",
+                   help="image files and/or folders")
+    p.add_argument("--out", required=True, type=settings.cli_path, help="output folder")
+    p.add_argument("--checkpoint", type=settings.cli_path, default=DEFAULT_CHECKPOINT,
                    help=f"model checkpoint (default: {DEFAULT_CHECKPOINT})")
     p.add_argument("--timeout", type=float, default=settings.decode_seconds(), metavar="SECONDS",
                    help="stop reading a file after this many seconds and record an error row "

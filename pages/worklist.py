@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+import settings
 from inference.model import CLASS_NAMES
 from pages import common
 from services import datastore, display, ingest, reading_labels, readings, studies
@@ -29,7 +30,8 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
         accept_multiple_files=True,
         key=f"worklist.uploader.{nonce}",
         help="Each file is stored once (by content) and predicted once per model version. "
-        "The format is recognised from the content, not the file name.",
+        "The format is recognised from the content, not the file name. "
+        f"At most {settings.upload_limit_mb()} MB per file.",
     )
     if files:
         handles = (

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import cv2
 
+import settings
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -139,8 +141,9 @@ def readme(rows: list[dict], per_class: int, min_share: float) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "covid-qu-ex")
-    p.add_argument("--out", type=Path, default=REPO / "samples")
+    p.add_argument("--data", type=settings.cli_path,
+                   default=REPO.parent / "shared" / "data" / "covid-qu-ex")
+    p.add_argument("--out", type=settings.cli_path, default=REPO / "samples")
     p.add_argument("--per-class", type=int, default=2)
     p.add_argument("--min-infection-share", type=float, default=MIN_INFECTION_SHARE)
     args = p.parse_args(argv)

@@ -61,7 +61,7 @@ def record(checkpoint: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--checkpoint", type=settings.cli_path_str, default=str(DEFAULT_CHECKPOINT))
     args = p.parse_args()
     result = record(Path(args.checkpoint))
     REFERENCE_JSON.write_text(json.dumps(result, indent=2) + "\n")

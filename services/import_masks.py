@@ -12,7 +12,12 @@ worker process with a time and memory budget per file) and are stored by
 folders are never read. Masks (0/255 PNGs) become annotation versions by ``--author``, resized
 with nearest neighbour when their size differs from the image's. Running it again is a no-op: a
 mask equal to the current head of (image, kind) is not saved again. Each image is its own
-transaction. File names are printed only with ``--verbose``.
+transaction.
+
+Nothing given is dropped in silence: a file it could not read (a broken link, a link out of its
+folder, an unreadable image or mask) or match (an image without its mask, a mask matched to no
+image) is counted and named (its path relative to the folder given; other file names only with
+``--verbose``), and the command exits with status 1 when it was given files but imported none.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from database.session import init_db, session_scope
 from inference.checks import UnsupportedImage
 from inference.isolation import load_xray_isolated
 from services.ingest import store_xray
-from settings import IMAGE_SUFFIXES, MASK_FILE_SUFFIXES, ROLES
+from settings import IMAGE_SUFFIXES, MASK_FILE_SUFFIXES, ROLES, cli_path
 
 # Extension-less files are DICOM too (archives often drop the suffix).
 IMPORT_SUFFIXES = {*IMAGE_SUFFIXES, ""}
@@ -51,6 +56,12 @@ class ImportSummary:
     skipped: Counter[str] = field(default_factory=Counter)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     resized_files: list[str] = field(default_factory=list)
+    unmatched_masks: list[str] = field(default_factory=list)  # matched to no image
+
+    @property
+    def imported(self) -> bool:
+        """At least one image was stored or found already stored."""
+        return self.images_new + self.images_present > 0
 
     def skip(self, relative: str, reason: str) -> None:
         self.skipped[reason] += 1
@@ -72,28 +83,38 @@ class ImportSummary:
                 out += [f"  resized: {name}" for name in self.resized_files]
         for reason, n in sorted(self.skipped.items()):
             out.append(f"Skipped {n}: {reason}")
-        if verbose:
-            out += [f"  skipped: {name} ({reason})" for name, reason in self.skipped_files]
+        # Every file not imported is named: an operator must be able to find and fix it.
+        out += [f"  skipped: {name} ({reason})" for name, reason in self.skipped_files]
+        if self.unmatched_masks:
+            out.append(f"Masks matched to no image: {len(self.unmatched_masks)}")
+            out += [f"  unmatched: {name}" for name in self.unmatched_masks]
+        if not self.imported:
+            out.append("Nothing imported.")
         return out
 
 
-def _files(root: Path, suffixes: set[str]) -> list[Path]:
-    """Files under ``root`` with these suffixes; a symlink resolving outside ``root`` is left out
-    (a folder handed to the importer must not become a way to read files elsewhere)."""
+def _files(root: Path, suffixes: set[str], refused: list[tuple[str, str]]) -> list[Path]:
+    """Readable files under ``root`` with these suffixes. A broken link, or a link resolving
+    outside ``root`` (a folder handed to the importer must not become a way to read files
+    elsewhere), is appended to ``refused`` as (path relative to root, reason), never dropped."""
     inside = root.resolve()
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and not p.name.startswith(".")
-        and p.suffix.lower() in suffixes
-        and p.resolve().is_relative_to(inside)
-    )
+    found: list[Path] = []
+    for p in sorted(root.rglob("*")):
+        if p.name.startswith(".") or p.suffix.lower() not in suffixes or p.is_dir():
+            continue
+        relative = str(p.relative_to(root))
+        if not p.exists():
+            refused.append((relative, "unreadable: a link to a file that does not exist"))
+        elif not p.resolve().is_relative_to(inside):
+            refused.append((relative, "refused: a link to a file outside the folder given"))
+        elif p.is_file():
+            found.append(p)
+    return found
 
 
-def _index(root: Path) -> dict[str, list[Path]]:
+def _index(root: Path, refused: list[tuple[str, str]]) -> dict[str, list[Path]]:
     index: dict[str, list[Path]] = {}
-    for path in _files(root, MASK_SUFFIXES):
+    for path in _files(root, MASK_SUFFIXES, refused):
         index.setdefault(path.stem, []).append(path)
     return index
 
@@ -126,12 +147,26 @@ def import_masks(
     if status in REVIEW_STATUSES and role != "radiologist":
         raise versioning.RoleError(f"only a radiologist may import masks as {status}")
     mask_dirs = {k: d for k, d in (("lung", lung_dir), ("infection", infection_dir)) if d}
-    indexes = {kind: _index(d) for kind, d in mask_dirs.items()}
+    summary = ImportSummary()
+    refused_masks: dict[str, list[tuple[str, str]]] = {kind: [] for kind in mask_dirs}
+    indexes = {kind: _index(d, refused_masks[kind]) for kind, d in mask_dirs.items()}
+    for kind, refused in refused_masks.items():
+        for relative_mask, reason in refused:
+            summary.skip(f"{kind} mask {relative_mask}", reason)
     with session_scope(engine) as s:
         author = users.get_or_create_user(s, author_name, role)
 
-    summary = ImportSummary()
-    for path in _files(images_dir, IMPORT_SUFFIXES):
+    refused_images: list[tuple[str, str]] = []
+    image_files = _files(images_dir, IMPORT_SUFFIXES, refused_images)
+    for relative_image, reason in refused_images:
+        summary.skip(relative_image, reason)
+    image_stems = {p.stem for p in image_files} | {Path(r).stem for r, _ in refused_images}
+    for kind, index in indexes.items():
+        for stem in sorted(set(index) - image_stems):
+            summary.unmatched_masks += [
+                f"{kind} mask {p.relative_to(mask_dirs[kind])}" for p in index[stem]
+            ]
+    for path in image_files:
         relative = path.relative_to(images_dir)
         masks: dict[str, Path] = {}
         for kind, index in indexes.items():
@@ -194,9 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m services.import_masks",
         description="Import X-rays with existing lung/infection masks as annotation versions.",
     )
-    parser.add_argument("--images", type=Path, required=True, help="folder of X-rays (recursive)")
-    parser.add_argument("--lung-masks", type=Path, help="folder of lung masks (0/255 PNG)")
-    parser.add_argument("--infection-masks", type=Path, help="folder of infection masks")
+    parser.add_argument("--images", type=cli_path, required=True,
+                        help="folder of X-rays (recursive)")
+    parser.add_argument("--lung-masks", type=cli_path, help="folder of lung masks (0/255 PNG)")
+    parser.add_argument("--infection-masks", type=cli_path, help="folder of infection masks")
     parser.add_argument("--author", required=True, help="user name the versions are saved as")
     parser.add_argument("--status", default="submitted", choices=ANNOTATION_STATUSES)
     parser.add_argument("--role", default="annotator", choices=ROLES)
@@ -233,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         engine.dispose()
     print("\n".join(summary.lines(args.verbose)))
-    return 0
+    return 0 if summary.imported else 1
 
 
 if __name__ == "__main__":

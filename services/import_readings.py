@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+import settings
 from database import reading_versions, users
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
@@ -205,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m services.import_readings",
         description="Import readings (file,label CSV) of X-rays as reading versions.",
     )
-    parser.add_argument("--csv", type=Path, required=True, help="CSV with file,label columns")
-    parser.add_argument("--images", type=Path, required=True,
+    parser.add_argument("--csv", type=settings.cli_path, required=True,
+                        help="CSV with file,label columns")
+    parser.add_argument("--images", type=settings.cli_path, required=True,
                         help="folder the CSV's file paths are relative to")
     parser.add_argument("--author", required=True, help="user name the readings are saved as")
     parser.add_argument("--status", default="submitted", choices=ANNOTATION_STATUSES)

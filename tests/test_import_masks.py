@@ -119,7 +119,7 @@ def test_import_real_images_then_rerun_is_idempotent(
         out = capsys.readouterr().out
         assert "0 imported, 4 already present" in out
         assert "0 saved, 8 already present" in out
-        assert "covid" not in out.lower()  # no file names unless --verbose
+        assert "covid" not in out.lower()  # only the files not imported are named
         assert _versions(engine) == 8
 
         # A changed mask becomes a new version on top of the previous head.
@@ -160,3 +160,49 @@ def test_approved_import_needs_a_radiologist(dataset: dict[str, Path]) -> None:
             assert all(h.status == "approved" and h.author.role == "radiologist" for h in heads)
     finally:
         engine.dispose()
+
+
+def test_import_of_links_that_do_not_resolve_names_them_and_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the annotation-loop benchmark once staged: relative symlinks written as given
+    (``../shared/...``) that do not resolve from the staging folder. The import said
+    "0 imported, 0 already present, 0 skipped" and exited 0."""
+    staging = tmp_path / "staging"
+    for folder in ("images", "lung", "inf"):
+        (staging / folder).mkdir(parents=True)
+        for name in ("covid_1.png", "covid_2.png"):
+            (staging / folder / name).symlink_to(Path("../shared/data") / folder / name)
+    (staging / "lung" / "orphan.png").write_bytes(
+        _sample_mask("Normal", "normal_1.png", "lung").read_bytes()
+    )
+    monkeypatch.chdir(tmp_path)  # relative arguments: resolved against the caller's folder
+    argv = [
+        "--images", "staging/images", "--lung-masks", "staging/lung",
+        "--infection-masks", "staging/inf", "--author", "oracle",
+        "--database-url", f"sqlite:///{tmp_path / 'db.sqlite'}",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "0 imported, 0 already present, 6 skipped" in out
+    for name in ("covid_1.png", "covid_2.png"):
+        assert f"skipped: {name} (unreadable: a link to a file that does not exist)" in out
+        assert f"skipped: lung mask {name} (unreadable" in out
+    assert "unmatched: lung mask orphan.png" in out
+    assert "Nothing imported." in out
+
+
+def test_images_given_without_any_usable_one_exit_non_zero(
+    dataset: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Files given, none imported (every mask folder empty): a failure, not a quiet success."""
+    empty = dataset["db"].parent / "no-masks"
+    empty.mkdir(parents=True)
+    argv = [
+        "--images", str(dataset["images"]), "--lung-masks", str(empty),
+        "--database-url", f"sqlite:///{dataset['db']}", "--author", "importer",
+    ]  # fmt: skip
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "Skipped 6: missing lung mask" in out
+    assert "skipped: Test/Normal/images/broken.png (missing lung mask)" in out

@@ -162,6 +162,24 @@ def test_server_listens_on_localhost_and_hides_error_details() -> None:
     assert config["client"]["showErrorDetails"] == "none"  # False would still show tracebacks
 
 
+def test_served_as_a_product_not_a_dev_server() -> None:
+    """No Deploy button or developer menu for users; XSRF protection on (it needs CORS on)."""
+    with open(settings.STREAMLIT_CONFIG, "rb") as fh:
+        config = tomllib.load(fh)
+    assert config["client"]["toolbarMode"] == "viewer"
+    assert config["server"]["enableXsrfProtection"] is True
+    assert config["server"]["enableCORS"] is True
+
+
+def test_no_page_renders_html() -> None:
+    """User and file text is shown through services.text.md_escape, never as HTML."""
+    sources = [settings.REPO_ROOT / "app.py", *sorted((settings.REPO_ROOT / "pages").glob("*.py"))]
+    for path in sources:
+        text = path.read_text()
+        for unsafe in ("unsafe_allow_html", "st.html(", "components.html("):
+            assert unsafe not in text, f"{path.name} uses {unsafe}"
+
+
 def test_import_masks_does_not_follow_symlinks_out_of_its_folders(tmp_path: Path) -> None:
     images, lung = tmp_path / "images", tmp_path / "lung"
     outside = tmp_path / "elsewhere"

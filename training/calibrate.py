@@ -31,6 +31,7 @@ import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
+import settings
 from inference.calibration import (
     Calibration,
     clean_lung_mask,
@@ -200,10 +201,13 @@ def calibrate(args: argparse.Namespace) -> Calibration:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="COVID-QU-Ex root folder")
-    p.add_argument("--checkpoint", required=True, help="trained checkpoint to calibrate")
-    p.add_argument("--out", required=True, help="where to write the calibrated checkpoint")
-    p.add_argument("--cache-dir", default=".cache/covid-qu-ex")
+    p.add_argument("--data", type=settings.cli_path_str, required=True,
+                   help="COVID-QU-Ex root folder")
+    p.add_argument("--checkpoint", type=settings.cli_path_str, required=True,
+                   help="trained checkpoint to calibrate")
+    p.add_argument("--out", type=settings.cli_path_str, required=True,
+                   help="where to write the calibrated checkpoint")
+    p.add_argument("--cache-dir", type=settings.cli_path_str, default=".cache/covid-qu-ex")
     p.add_argument("--limit", type=int, default=0, help="about N images per split (tests)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--ood-train-limit", type=int, default=0,

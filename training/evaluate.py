@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import settings
 from inference.calibration import IDENTITY, Calibration, binarise_masks, decide, in_domain
 from inference.calibration import ood_scores as score_ood
 from inference.model import InfMapNet, LoadedModel, load_checkpoint
@@ -140,17 +141,21 @@ def load_eval_split(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="COVID-QU-Ex root folder")
-    p.add_argument("--split", default="Test", choices=SPLITS)
-    p.add_argument("--checkpoint", required=True, help="InfMap checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="output folder for metrics.json and figures")
+    p.add_argument("--data", type=settings.cli_path_str, required=True,
+                   help="COVID-QU-Ex root folder")
+    p.add_argument("--split",
+                   default="Test", choices=SPLITS)
+    p.add_argument("--checkpoint", type=settings.cli_path_str, required=True,
+                   help="InfMap checkpoint (.pt)")
+    p.add_argument("--out", type=settings.cli_path_str, required=True,
+                   help="output folder for metrics.json and figures")
     p.add_argument("--limit", type=int, default=0,
                    help="only N evenly spaced images of the split (smoke tests)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threshold", type=float, default=None,
                    help="override both mask thresholds (default: the checkpoint's Val-chosen)")
     p.add_argument("--bf16", action="store_true", help="CPU bf16 autocast (default: float32)")
-    p.add_argument("--cache-dir", default=".cache/covid-qu-ex",
+    p.add_argument("--cache-dir", type=settings.cli_path_str, default=".cache/covid-qu-ex",
                    help="decoded-array cache for full splits ('' to disable)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-plots", action="store_true")

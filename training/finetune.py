@@ -416,10 +416,13 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--db", default=None, help="database URL (default: DATABASE_URL or "
                    "data/infmap.sqlite)")
-    p.add_argument("--out", required=True, help="where to write the new checkpoint")
-    p.add_argument("--base", default=None, help="checkpoint to start from (default: the active "
+    p.add_argument("--out", type=settings.cli_path_str, required=True,
+                   help="where to write the new checkpoint")
+    p.add_argument("--base", type=settings.cli_path_str, default=None,
+                   help="checkpoint to start from (default: the active "
                    "model version's)")
-    p.add_argument("--data", default=None, help="COVID-QU-Ex root for replay and Val (default: "
+    p.add_argument("--data", type=settings.cli_path_str, default=None,
+                   help="COVID-QU-Ex root for replay and Val (default: "
                    f"{settings.shared_data_dir()} if present, INFMAP_DATA)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -446,7 +449,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--no-bf16", action="store_true",
                    help="no CPU bf16 autocast (it is used only where the CPU has native bf16)")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="COVID-QU-Ex decoded-array cache")
+    p.add_argument("--cache-dir", type=settings.cli_path_str, default=d.cache_dir,
+                   help="COVID-QU-Ex decoded-array cache")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--fail-after-step", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

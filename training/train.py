@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import settings
 from inference.model import (
     HEAD_POOLINGS,
     InfMapNet,
@@ -42,10 +43,14 @@ DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="COVID-QU-Ex root folder")
-    p.add_argument("--out", default="models/infmap.pt", help="best-on-Val checkpoint")
-    p.add_argument("--work-dir", default="runs/train", help="resumable state and history")
-    p.add_argument("--cache-dir", default=".cache/covid-qu-ex", help="decoded-array cache")
+    p.add_argument("--data", type=settings.cli_path_str, required=True,
+                   help="COVID-QU-Ex root folder")
+    p.add_argument("--out", type=settings.cli_path_str, default="models/infmap.pt",
+                   help="best-on-Val checkpoint")
+    p.add_argument("--work-dir", type=settings.cli_path_str, default="runs/train",
+                   help="resumable state and history")
+    p.add_argument("--cache-dir", type=settings.cli_path_str, default=".cache/covid-qu-ex",
+                   help="decoded-array cache")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
