@@ -15,7 +15,7 @@ import streamlit as st
 
 import settings
 from pages import common
-from services import display
+from services import dataset_export, display
 from services import model_admin as admin
 from training.finetune import FinetuneOptions
 
@@ -274,6 +274,37 @@ def runs_panel() -> None:
     })  # fmt: skip
 
 
+def export_section() -> None:
+    """The corrected dataset as a COVID-QU-Ex ZIP (services.dataset_export), for researchers."""
+    st.subheader("Dataset export")
+    st.caption(
+        "Every study whose lung and infection masks are approved (or submitted too), in the "
+        "COVID-QU-Ex folder layout with a manifest.csv and README; class folders from the "
+        "reading, else the model. Also: python -m services.dataset_export --out DIR."
+    )
+    c1, c2 = st.columns(2)
+    submitted = c1.checkbox("Include submitted masks", key="models.export.submitted")
+    split = c2.selectbox("Split", ["hash", *dataset_export.SPLITS], key="models.export.split",
+                         help="hash: stable per patient (10 % Val, 10 % Test, rest Train).")
+    if st.button("Prepare dataset export", disabled=not can_manage(),
+                 help=None if can_manage() else "Sign in as a radiologist or researcher.",
+                 icon=":material/folder_zip:", key="models.export.prepare"):
+        options = dataset_export.ExportOptions(include_submitted=submitted, split=split)
+        with st.spinner("Writing the export..."):
+            st.session_state["models.export.file"] = dataset_export.dataset_zip(
+                common.db, options
+            )
+    ready = st.session_state.get("models.export.file")
+    if ready is not None and can_manage():
+        name, data, summary = ready
+        left = sum(summary.left_out.values())
+        st.success(f"{summary.total} studies exported" + (f", {left} left out (see the "
+                   "README in the ZIP)." if left else "."))
+        st.download_button("Download dataset export", data, file_name=name,
+                           mime="application/zip", icon=":material/download:",
+                           key="models.export.download")
+
+
 def main() -> None:
     st.title("Models")
     records = admin.version_records(common.db)
@@ -284,6 +315,7 @@ def main() -> None:
     start_section(admin.run_records(common.db))
     st.subheader("Fine-tuning runs")
     runs_panel()
+    export_section()
 
 
 main()

@@ -484,3 +484,15 @@ def test_models_page_confirms_a_rejected_version_and_repredicts_in_the_backgroun
     next(b for b in at.button if b.label == "Activate").click().run()
     with scope(write=False) as s:
         assert model_versions.get_active_model_version(s).id == first_id
+
+
+def test_models_page_exports_the_dataset_for_researchers(app_env: str) -> None:
+    at = run_app("pages/models.py")
+    assert at.button(key="models.export.prepare").disabled  # nobody signed in
+    at.switch_page("app.py").run()
+    sign_in(at, "Rhea Searcher", "researcher")
+    at.switch_page("pages/models.py").run()
+    at.button(key="models.export.prepare").click().run()
+    assert not at.exception, at.exception
+    assert any("0 studies exported" in s.value for s in at.success)  # nothing approved yet
+    assert [b for b in at.get("download_button") if b.proto.label == "Download dataset export"]
