@@ -8,6 +8,7 @@ PostgreSQL installed the PostgreSQL half skips, unless ``INFMAP_REQUIRE_SERVERS=
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,44 @@ def sqlite_engine(db_path: Path) -> Iterator[Engine]:
     eng = init_db(f"sqlite:///{db_path}")
     yield eng
     eng.dispose()
+
+
+# ----------------------------------------------------------------------------- AppTest
+@pytest.fixture(scope="session")
+def bootstrapped(tmp_path_factory: pytest.TempPathFactory, random_checkpoint: Path) -> Path:
+    """A database folder after the first start (tables, the random model, the six samples
+    predicted), made once per session through the same service the app's start calls."""
+    from database.session import init_db, session_scope
+    from inference.model import load_checkpoint
+    from services import bootstrap
+
+    folder = tmp_path_factory.mktemp("apptest")
+    engine = init_db(f"sqlite:///{folder / 'infmap.sqlite'}")
+    try:
+        report = bootstrap.bootstrap(
+            lambda write=True: session_scope(engine, write=write),
+            random_checkpoint,
+            settings.SAMPLES_DIR,
+            load_checkpoint,
+        )
+    finally:
+        engine.dispose()  # closes the WAL so the folder can be copied
+    assert report.samples_found == 6 and not report.sample_errors
+    return folder
+
+
+@pytest.fixture
+def app_env(
+    bootstrapped: Path, tmp_path: Path, random_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Each AppTest gets its own copy of the started database: no test sees another's saves."""
+    folder = shutil.copytree(bootstrapped, tmp_path / "app")
+    url = f"sqlite:///{folder / 'infmap.sqlite'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
+    monkeypatch.delenv("INFMAP_DATA_DIR", raising=False)
+    monkeypatch.delenv("INFMAP_SAMPLES_DIR", raising=False)
+    return url
 
 
 # Real COVID-QU-Ex chest X-rays for the loader tests (test_loading, test_loading_refusals).

@@ -3,7 +3,7 @@ beside the model's class and in the history; a stale save is refused and kept as
 
 from __future__ import annotations
 
-from test_app import app_env, bootstrapped, run_app, scope_for, sign_in  # noqa: F401
+from app_helpers import run_app, scope_for, sign_in
 
 from database import reading_versions, users, worklist
 from services import reading_labels
@@ -23,7 +23,7 @@ def _open_review(at, study: int) -> None:  # noqa: ANN001
     assert not at.exception, at.exception
 
 
-def test_record_a_reading_and_see_it_in_worklist_and_history(app_env: str) -> None:  # noqa: F811
+def test_record_a_reading_and_see_it_in_worklist_and_history(app_env: str) -> None:
     at = run_app()
     study, predicted = _study(app_env)
     disagreeing = next(c for c in ("COVID-19", "Non-COVID", "Normal") if c != predicted)
@@ -58,7 +58,7 @@ def test_record_a_reading_and_see_it_in_worklist_and_history(app_env: str) -> No
     assert (others["reading"] == "").all() and (others["agreement"] == "").all()
 
 
-def test_stale_reading_save_is_refused_and_kept_as_a_draft(app_env: str) -> None:  # noqa: F811
+def test_stale_reading_save_is_refused_and_kept_as_a_draft(app_env: str) -> None:
     at = run_app()
     study, predicted = _study(app_env)
     sign_in(at, "Ann Reader", "annotator")

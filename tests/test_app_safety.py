@@ -14,15 +14,13 @@ import numpy as np
 import probe_inputs as probe
 import pytest
 import streamlit as st
+from app_helpers import APP, TIMEOUT
 from streamlit.testing.v1 import AppTest
 
 from database import annotation_versions, users
 from services import ingest
 from services.storage import MISSING_PAYLOAD, open_store
 from services.text import md_escape
-
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
-TIMEOUT = 180
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_app import app_env, bootstrapped, run_app, scope_for, sign_in  # noqa: F401
+from app_helpers import run_app, scope_for, sign_in
 
 from database import users, worklist
 from services import display, studies
@@ -31,7 +31,7 @@ def approve_whole_lung_infection(url: str, image_id: int) -> None:
     ).ok
 
 
-def test_worklist_sorts_on_the_figures_it_shows(app_env: str) -> None:  # noqa: F811
+def test_worklist_sorts_on_the_figures_it_shows(app_env: str) -> None:
     at = run_app()
     with scope_for(app_env)(write=False) as s:
         rows = [r for r in worklist.worklist(s) if r.infection_percent is not None]
@@ -74,7 +74,7 @@ def test_missing_figures_read_as_a_dash_without_a_prediction(
         assert not table[column].astype(str).eq("None").any(), column
 
 
-def test_every_table_shows_missing_values_as_a_dash(app_env: str) -> None:  # noqa: F811
+def test_every_table_shows_missing_values_as_a_dash(app_env: str) -> None:
     """The Models page (a first version has no parent, no training time) and Correction's
     version history (a version with no parent, no Dice yet) use the same placeholder."""
     at = run_app()
