@@ -15,6 +15,10 @@ Environment variables (all optional):
 - ``INFMAP_REQUIRE_SERVERS``  ``1`` (CI): tests needing a server or tool the tests use from
                           Debian (PostgreSQL; Orthanc + DICOMweb, dicom3tools, dcmtk) fail
                           instead of skipping when it is not installed
+- ``INFMAP_DICOMWEB_URL``  the DICOMweb server (QIDO/WADO/STOW root, e.g. Orthanc's
+                          ``http://pacs:8042/dicom-web``); unset: no PACS features
+- ``INFMAP_DICOMWEB_USER`` / ``INFMAP_DICOMWEB_PASSWORD``  HTTP basic credentials for it
+                          (optional; from the environment only, never stored or logged)
 - ``INFMAP_ID_SALT``      salt of the hashed patient ID (``inference.deid``)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
@@ -108,6 +112,18 @@ def require_servers() -> bool:
 
 
 DEV_ID_SALT = "infmap-dev-only-salt-set-INFMAP_ID_SALT-in-production"
+
+
+def dicomweb_url() -> str | None:
+    """``INFMAP_DICOMWEB_URL`` without a trailing slash, or None (no PACS configured)."""
+    url = _env("INFMAP_DICOMWEB_URL")
+    return url.rstrip("/") if url else None
+
+
+def dicomweb_credentials() -> tuple[str, str] | None:
+    """(user, password) for the DICOMweb server, or None for no authentication."""
+    user = _env("INFMAP_DICOMWEB_USER")
+    return (user, os.environ.get("INFMAP_DICOMWEB_PASSWORD", "")) if user else None
 
 
 def id_salt() -> str:

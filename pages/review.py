@@ -13,8 +13,9 @@ import html
 import numpy as np
 import streamlit as st
 
+import settings
 from inference.windowing import apply_window
-from pages import common, reading_panel
+from pages import common, pacs_panel, reading_panel
 from services import display, readings, seg_export, studies
 from services.dicom_seg import SegError
 
@@ -164,6 +165,8 @@ def seg_download(image_id: int, shown: readings.Reading, model_version: str) -> 
                 "Download DICOM SEG", data, file_name=name, mime=mime,
                 icon=":material/download:", key="review.seg_download",
             )
+        if settings.dicomweb_url() is not None:
+            pacs_panel.push_button(image_id, shown, model_version)
 
 
 def main() -> None:

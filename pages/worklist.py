@@ -8,7 +8,7 @@ import streamlit as st
 
 import settings
 from inference.model import CLASS_NAMES
-from pages import common
+from pages import common, pacs_panel
 from services import datastore, display, ingest, reading_labels, readings, studies
 from services.text import md_escape
 from services.worklist_table import worklist_records
@@ -162,6 +162,9 @@ def main() -> None:
 
     with st.expander("Add studies", expanded=True, icon=":material/upload_file:"):
         upload_section(model, loaded)
+    if settings.dicomweb_url() is not None:
+        with st.expander("Import from the PACS (DICOMweb)", icon=":material/cloud_download:"):
+            pacs_panel.import_section(model, loaded, UPLOAD_RESULTS)
 
     f1, f2, f3, f4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
     with f1:
