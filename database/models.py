@@ -165,6 +165,10 @@ class Prediction(Base):
     uncertainty: Mapped[float] = mapped_column(Float)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The out-of-domain score and flag (inference.calibration); NULL: not scored (a checkpoint
+    # without an out-of-domain reference, or stored before revision 0003).
+    ood_score: Mapped[float | None] = mapped_column(Float, default=None)
+    in_domain: Mapped[bool | None] = mapped_column(Boolean, default=None)
 
     image: Mapped[Image] = relationship(back_populates="predictions")
     model_version: Mapped[ModelVersion] = relationship()

@@ -32,6 +32,14 @@ class PredictionLike(Protocol):
     model_version: str
     uncertainty: float
     timings_ms: dict[str, float]
+    # ood_score: float | None and in_domain: bool | None are read when present (getattr):
+    # a prediction without them is stored as not scored.
+
+
+def _domain_fields(prediction: object) -> tuple[float | None, bool | None]:
+    score = getattr(prediction, "ood_score", None)
+    flag = getattr(prediction, "in_domain", None)
+    return (None if score is None else float(score)), (None if flag is None else bool(flag))
 
 
 def store_prediction(
@@ -39,7 +47,8 @@ def store_prediction(
 ) -> Prediction:
     """Store the model's output once per (image, model version); a repeat returns the first.
 
-    Stored: probabilities, class, both masks (PNG), infection %, severity, uncertainty, timings.
+    Stored: probabilities, class, both masks (PNG), infection %, severity, uncertainty, timings,
+    the out-of-domain score and flag (None: not scored).
     Not stored: the probability maps and Grad-CAM (recomputed on demand).
     """
     existing = get_prediction(session, image_id, model_version_id)
@@ -60,6 +69,7 @@ def store_prediction(
             raise ValueError(f"{name} has shape {shape}, the image is {image.height}x{image.width}")
     names = list(prediction.class_names) or list(prediction.probabilities)
     probabilities = {n: float(prediction.probabilities[n]) for n in names}
+    ood_score, in_domain = _domain_fields(prediction)
     row = Prediction(
         image_id=image_id,
         model_version_id=model_version_id,
@@ -75,6 +85,8 @@ def store_prediction(
         severity_score=int(prediction.severity_score),
         uncertainty=float(prediction.uncertainty),
         timings={k: float(v) for k, v in dict(prediction.timings_ms or {}).items()},
+        ood_score=ood_score,
+        in_domain=in_domain,
     )
     try:
         with session.begin_nested():
@@ -84,6 +96,24 @@ def store_prediction(
         if stored is None:
             raise
         return stored
+    return row
+
+
+def set_domain(
+    session: Session, prediction_id: int, ood_score: float, in_domain: bool
+) -> Prediction:
+    """Fill in the out-of-domain score of a prediction stored without one (before revision 0003).
+
+    The only change ever made to a stored prediction, and only from "not scored": a scored
+    prediction is never re-scored (``ValueError``), so what a reader saw stays what is stored.
+    """
+    row = session.get(Prediction, prediction_id)
+    if row is None:
+        raise LookupError(f"no prediction {prediction_id}")
+    if row.ood_score is not None:
+        raise ValueError(f"prediction {prediction_id} already has an out-of-domain score")
+    row.ood_score, row.in_domain = float(ood_score), bool(in_domain)
+    session.flush()
     return row
 
 

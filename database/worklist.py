@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from database.model_versions import get_active_model_version
@@ -27,7 +27,10 @@ WORKLIST_SORTS: tuple[str, ...] = (
     "severity",
     "last_touched",
     "name",
+    "out_of_domain",
 )
+# Filter on the out-of-domain flag: in domain, out of domain, not scored (no score stored).
+DOMAIN_FILTERS: tuple[str, ...] = ("in", "out", "unscored")
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class WorklistRow:
     status: str  # new | corrected | submitted | approved | returned
     last_author: str | None
     last_touched: datetime | None
-    out_of_domain: float | None = None  # how far from the training data; not computed yet
+    out_of_domain: float | None = None  # the out-of-domain score: higher is further from Train
+    in_domain: bool | None = None  # score within the Val threshold; None: not scored
 
 
 def derive_status(newest_status: str | None) -> str:
@@ -72,6 +76,7 @@ def _order_by(sort: str) -> list[Any]:
             Image.id,
         ],
         "last_touched": [desc_last(AnnotationVersion.created), Image.id],
+        "out_of_domain": [desc_last(Prediction.ood_score), Image.id],
         "name": [Image.id],  # re-sorted by casefold() below: SQL lower() is ASCII-only in SQLite
     }
     return orders[sort]
@@ -83,15 +88,23 @@ def worklist(
     predicted_class: str | None = None,
     sort: str = "created",
     model_version_id: int | None = None,
+    domain: str | Iterable[str] | None = None,
 ) -> list[WorklistRow]:
     """Every image with its prediction (by ``model_version_id``, default the active version) and
     review status.
 
-    Sorts: created (newest first), oldest, uncertainty / infection / severity (highest first),
-    confidence (lowest first), last_touched (newest first), name. Missing values sort last.
+    Sorts: created (newest first), oldest, uncertainty / infection / severity / out_of_domain
+    (highest first), confidence (lowest first), last_touched (newest first), name. Missing
+    values sort last. ``domain``: any of ``DOMAIN_FILTERS`` ("unscored" includes studies
+    without a prediction).
     """
     if sort not in WORKLIST_SORTS:
         raise ValueError(f"sort must be one of {', '.join(WORKLIST_SORTS)}, not {sort!r}")
+    domains: set[str] | None = None
+    if domain is not None:
+        domains = {domain} if isinstance(domain, str) else set(domain)
+        if domains - set(DOMAIN_FILTERS):
+            raise ValueError(f"domain must be among {', '.join(DOMAIN_FILTERS)}")
     wanted: set[str] | None = None
     if status is not None:
         wanted = {status} if isinstance(status, str) else set(status)
@@ -128,6 +141,8 @@ def worklist(
             AnnotationVersion.status,
             User.name,
             AnnotationVersion.created,
+            Prediction.ood_score,
+            Prediction.in_domain,
         )
         .outerjoin(
             Prediction,
@@ -142,6 +157,13 @@ def worklist(
         stmt = stmt.where(Prediction.predicted_class == predicted_class)
     if wanted is not None:
         stmt = stmt.where(derived.in_(sorted(wanted)))
+    if domains is not None:
+        flag = {
+            "in": Prediction.in_domain.is_(True),
+            "out": Prediction.in_domain.is_(False),
+            "unscored": Prediction.in_domain.is_(None),
+        }
+        stmt = stmt.where(or_(*(flag[d] for d in sorted(domains))))
     rows = [
         WorklistRow(
             image_id=r[0],
@@ -159,6 +181,8 @@ def worklist(
             status=derive_status(r[12]),
             last_author=r[13],
             last_touched=r[14],
+            out_of_domain=r[15],
+            in_domain=r[16],
         )
         for r in session.execute(stmt)
     ]

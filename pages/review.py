@@ -93,25 +93,51 @@ def reading_notes(reading: readings.Reading, showing_model: bool) -> None:
             st.markdown(f":material/smart_toy: **{label}**: the model's")
 
 
+def domain_warning(verdict: studies.DomainVerdict) -> None:
+    """Above the panels: out of domain is the first thing a reader sees."""
+    if verdict.state == "out":
+        st.error(f"**{verdict.headline}.** {verdict.detail}", icon=":material/report:")
+
+
+def domain_facts(verdict: studies.DomainVerdict) -> None:
+    icon = {"in": ":material/check_circle:", "out": ":material/report:"}.get(
+        verdict.state, ":material/help:"
+    )
+    st.markdown(f"{icon} **Domain**: {verdict.headline}")
+    st.caption(verdict.detail if verdict.state != "out" else "See the warning above.")
+
+
 def facts(
     info: studies.StudyInfo,
     pred: studies.PredictionView,
     model_version: str,
     summary: studies.InfectionSummary,
     source: str,
+    verdict: studies.DomainVerdict,
+    calibration_note: str,
 ) -> None:
+    out_of_domain = verdict.state == "out"
     left, mid, right = st.columns([4, 4, 3])
     with left:
         st.subheader("Class probabilities")
+        if out_of_domain:
+            st.caption("Out of domain: these probabilities have no known accuracy here.")
         st.plotly_chart(
             display.probabilities_figure(pred.probabilities),
             key="review.probabilities",
             config={"displayModeBar": False},
         )
+        call = (
+            "Class: **not called** (out of domain)"
+            if out_of_domain
+            else f"Predicted: **{pred.predicted_class}** ({pred.confidence:.1%})"
+        )
         st.markdown(
-            f"Predicted: **{pred.predicted_class}** ({pred.confidence:.1%})  \n"
+            f"{call}  \n"
             f"Uncertainty: {pred.uncertainty:.3f} bits (mean entropy inside the lungs)"
         )
+        st.caption(calibration_note)
+        domain_facts(verdict)
     with mid:
         st.subheader("Infection")
         st.caption(f"From {source}.")
@@ -119,7 +145,13 @@ def facts(
         m1.metric("Both lungs", f"{summary.percent:.1f} %")
         m2.metric("Patient's right", f"{summary.percent_right:.1f} %")
         m3.metric("Patient's left", f"{summary.percent_left:.1f} %")
-        st.metric("Severity", f"{summary.severity} · {summary.severity_score}/8")
+        if out_of_domain:  # no grade in large type on an image unlike the training data
+            st.markdown(
+                f"Severity: {summary.severity} · {summary.severity_score}/8 "
+                "(**not to be trusted**: out of domain)"
+            )
+        else:
+            st.metric("Severity", f"{summary.severity} · {summary.severity_score}/8")
         st.caption(
             f"Scale: {studies.SCALE_NAME}. Per lung 0-4 by infected share (<1 % noise floor, "
             "<25, 25-50, 50-75, >75 %), summed 0-8; bands: none 0, mild 1-2, moderate 3-5, "
@@ -204,6 +236,14 @@ def main() -> None:
     )
     shown: readings.Reading = {} if showing_model else reading
     reading_notes(reading, showing_model)
+    calibration = loaded.calibration if loaded is not None else None
+    verdict = (
+        studies.domain_verdict(pred, calibration.ood_threshold if calibration else None)
+        if pred is not None
+        else None
+    )
+    if verdict is not None:
+        domain_warning(verdict)
 
     controls = st.columns([3, 3, 3, 2], vertical_alignment="bottom")
     with controls[0]:
@@ -270,7 +310,12 @@ def main() -> None:
             if len(shown) == len(studies.MASK_KINDS)
             else "the human and model masks read"
         )
-        facts(info, pred, model.version, summary, source)
+        assert verdict is not None  # set whenever there is a prediction
+        note = studies.calibration_note(
+            calibration.temperature if calibration else None,
+            calibration.covid_threshold if calibration else None,
+        )
+        facts(info, pred, model.version, summary, source, verdict, note)
         seg_download(info.image_id, shown, model.version)
     st.divider()
     reading_panel.reading_section(info, pred)

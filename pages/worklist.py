@@ -104,7 +104,8 @@ def worklist_table(rows: list, model: studies.ModelInfo | None, sort: str) -> in
     frame = pd.DataFrame.from_records(records)
     columns = [
         "thumbnail", "study", "class", "reading", "agreement", "confidence", "infection %",
-        "severity", "masks", "status", "last touched by", "last touched (UTC)", "uncertainty",
+        "severity", "masks", "status", "last touched by", "last touched (UTC)", "in domain",
+        "ood score", "uncertainty",
         "added (UTC)",
     ]  # fmt: skip
     event = st.dataframe(
@@ -141,6 +142,16 @@ def worklist_table(rows: list, model: studies.ModelInfo | None, sort: str) -> in
             "uncertainty": st.column_config.NumberColumn(
                 "Uncertainty", format="%.3f", help="Mean binary entropy (bits) inside the lungs"
             ),
+            "in domain": st.column_config.TextColumn(
+                "In domain",
+                help="Whether the image is like the chest X-rays the model was trained on "
+                "(its out-of-domain score within the limit 95% of validation X-rays meet). "
+                "Out of domain: do not trust the model's class or severity.",
+            ),
+            "ood score": st.column_config.NumberColumn(
+                "OOD score", format="%.2f", help="Out-of-domain score: higher is further from "
+                "the training images"
+            ),
             "status": st.column_config.TextColumn("Status"),
             "last touched by": st.column_config.TextColumn("Last touched by"),
             "last touched (UTC)": st.column_config.TextColumn("Last touched (UTC)"),
@@ -166,7 +177,7 @@ def main() -> None:
         with st.expander("Import from the PACS (DICOMweb)", icon=":material/cloud_download:"):
             pacs_panel.import_section(model, loaded, UPLOAD_RESULTS)
 
-    f1, f2, f3, f4 = st.columns([3, 3, 2, 2], vertical_alignment="bottom")
+    f1, f2, f5, f3, f4 = st.columns([3, 3, 2, 2, 2], vertical_alignment="bottom")
     with f1:
         statuses = st.multiselect(
             "Status",
@@ -179,6 +190,15 @@ def main() -> None:
         classes = st.multiselect(
             "Predicted class", CLASS_NAMES, key="worklist.class", placeholder="All"
         )
+    with f5:
+        domain_labels = st.multiselect(
+            "In domain",
+            list(studies.DOMAIN_FILTERS),
+            key="worklist.domain",
+            placeholder="All",
+            help="Out of domain: the image is unlike the model's training X-rays.",
+        )
+    domains = [studies.DOMAIN_FILTERS[label] for label in domain_labels]
     with f3:
         sort_label = st.selectbox("Sort", list(studies.SORTS), key="worklist.sort")
     with f4:
@@ -195,8 +215,9 @@ def main() -> None:
                 open_study(nxt)
 
     sort = studies.SORTS[sort_label]
-    rows = studies.worklist(common.db, statuses, classes, sort)
-    total = len(studies.worklist(common.db)) if (statuses or classes) else len(rows)
+    rows = studies.worklist(common.db, statuses, classes, sort, domains)
+    filtered = bool(statuses or classes or domains)
+    total = len(studies.worklist(common.db)) if filtered else len(rows)
     st.caption(f"{len(rows)} of {total} {'study' if total == 1 else 'studies'}")
     if not rows:
         st.info("No studies match these filters." if total else "No studies yet: upload one.")

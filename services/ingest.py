@@ -70,6 +70,29 @@ def ensure_prediction(
     return True
 
 
+def ensure_domain_score(
+    scope: SessionFactory, image_id: int, xray: XRay, handle: ModelHandle
+) -> bool:
+    """Score a prediction stored without an out-of-domain score (before the database had the
+    column) with the same model version. True if it was scored now; False when there is
+    nothing to do (no prediction, already scored, or a checkpoint without the reference)."""
+    if not handle.model.calibration.has_ood:
+        return False
+    with scope(write=False) as session:
+        row = predictions.get_prediction(session, image_id, handle.version_id)
+        if row is None or row.ood_score is not None:
+            return False
+        prediction_id = int(row.id)
+    fresh = predict(xray, handle.model)
+    if fresh.ood_score is None or fresh.in_domain is None:
+        return False
+    with scope() as session:
+        current = predictions.get_prediction(session, image_id, handle.version_id)
+        if current is not None and current.ood_score is None:  # not scored meanwhile
+            predictions.set_domain(session, prediction_id, fresh.ood_score, fresh.in_domain)
+    return True
+
+
 def store_xray(
     session: Session, xray: XRay, name: str, source: str = "upload"
 ) -> tuple[Image, bool]:

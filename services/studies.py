@@ -28,7 +28,12 @@ from inference.predict import infection_percentages
 from inference.preprocess import preprocess
 from inference.severity import SCALE_NAME, severity
 from inference.storage import xray_from_npz_bytes
-from services.ingest import ModelHandle, SessionFactory, ensure_prediction
+from services.ingest import (
+    ModelHandle,
+    SessionFactory,
+    ensure_domain_score,
+    ensure_prediction,
+)
 from services.masks import dice
 from services.next_study import First, MostUncertain, NextStudyStrategy, ReviewQueue
 from settings import MASK_KINDS as MASK_KINDS  # re-exported for the pages
@@ -79,6 +84,8 @@ class PredictionView:
     severity_score: int
     uncertainty: float
     timings_ms: dict[str, float]
+    ood_score: float | None = None  # None: not scored (see database.predictions)
+    in_domain: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,8 @@ def _prediction_view(row: Any, version: str) -> PredictionView:
         severity_score=int(row.severity_score),
         uncertainty=float(row.uncertainty),
         timings_ms=dict(row.timings or {}),
+        ood_score=None if row.ood_score is None else float(row.ood_score),
+        in_domain=None if row.in_domain is None else bool(row.in_domain),
     )
 
 
@@ -168,13 +177,82 @@ def stored_prediction(
 def prediction_for(
     scope: SessionFactory, image_id: int, model: ModelInfo, loaded: LoadedModel | None
 ) -> PredictionView | None:
-    """The stored prediction; computed and stored first if this model never saw the study."""
+    """The stored prediction; computed and stored first if this model never saw the study, and
+    given its out-of-domain score if it was stored without one."""
     view = stored_prediction(scope, image_id, model)
-    if view is None and loaded is not None:
+    if loaded is None:
+        return view
+    if view is None or (view.ood_score is None and loaded.calibration.has_ood):
         xray = load_xray_payload(scope, image_id)
-        ensure_prediction(scope, image_id, xray, ModelHandle(model.id, model.version, loaded))
+        handle = ModelHandle(model.id, model.version, loaded)
+        ensure_prediction(scope, image_id, xray, handle)
+        ensure_domain_score(scope, image_id, xray, handle)
         view = stored_prediction(scope, image_id, model)
     return view
+
+
+# ----------------------------------------------------------------------------- domain
+@dataclass(frozen=True)
+class DomainVerdict:
+    """Whether to trust the model on a study, in words a reader understands."""
+
+    state: str  # "in" | "out" | "unscored"
+    headline: str
+    detail: str
+
+
+def domain_verdict(pred: PredictionView, threshold: float | None) -> DomainVerdict:
+    """The out-of-domain score and its threshold in plain words (``threshold``: the active
+    checkpoint's ``calibration.ood_threshold``; None when the model is not loaded or has none)."""
+    limit = (
+        f"the limit is {threshold:.2f}: 95% of the validation X-rays score at or below it"
+        if threshold is not None
+        else "the limit is not known (the model is not loaded)"
+    )
+    if pred.ood_score is None or pred.in_domain is None:
+        return DomainVerdict(
+            "unscored",
+            "Not checked against the training images",
+            "This model version has no out-of-domain reference, so nobody can say whether "
+            "this image is like the X-rays it was trained on.",
+        )
+    score = f"Out-of-domain score {pred.ood_score:.2f} ({limit})"
+    if pred.in_domain:
+        return DomainVerdict(
+            "in",
+            "Like the training images",
+            f"{score}. Higher means further from the chest X-rays the model was trained on.",
+        )
+    return DomainVerdict(
+        "out",
+        "Out of domain: do not trust the model's class or severity",
+        f"This image is unlike the chest X-rays the model was trained on. {score}. On such "
+        "images the model's class probabilities, infection % and severity have no known "
+        "accuracy: the class is therefore not called. The masks are still shown so that they "
+        "can be checked and corrected.",
+    )
+
+
+DOMAIN_LABELS = {True: "yes", False: "no: out of domain", None: "not scored"}
+
+
+def calibration_note(temperature: float | None, covid_threshold: float | None) -> str:
+    """How the shown probabilities and the class call are made, in one sentence each."""
+    if temperature is None:
+        return "Class probabilities as stored with the prediction."
+    if temperature == 1.0 and covid_threshold is None:  # a checkpoint without calibration
+        return "Class probabilities: the model's plain softmax (this version is not calibrated)."
+    parts = [
+        f"Calibrated probabilities: the model's scores are softened by a temperature of "
+        f"{temperature:.2f} fitted on the COVID-QU-Ex validation split, so that on those "
+        "images a 70% is right about 70% of the time."
+    ]
+    if covid_threshold is not None:
+        parts.append(
+            f"COVID-19 is called when its probability is at least {covid_threshold:.2f} "
+            "(chosen on validation), otherwise the likelier of the other two classes."
+        )
+    return " ".join(parts)
 
 
 def gradcam_for(pixels: np.ndarray, model: LoadedModel, class_name: str) -> np.ndarray:
@@ -422,9 +500,16 @@ SORTS: dict[str, str] = {
     "Infection % (highest first)": "infection",
     "Uncertainty (highest first)": "uncertainty",
     "Severity (highest first)": "severity",
+    "Out-of-domain score (highest first)": "out_of_domain",
     "Oldest first": "oldest",
 }
 WORKLIST_STATUSES: tuple[str, ...] = worklist_queries.WORKLIST_STATUSES
+# The worklist's in-domain filter: label -> database.worklist.DOMAIN_FILTERS value.
+DOMAIN_FILTERS: dict[str, str] = {
+    "In domain": "in",
+    "Out of domain": "out",
+    "Not scored": "unscored",
+}
 
 
 def worklist(
@@ -432,11 +517,16 @@ def worklist(
     statuses: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     sort: str = "created",
+    domains: Sequence[str] | None = None,
 ) -> list[worklist_queries.WorklistRow]:
-    """Studies with their prediction (active model) and review status; empty filters = all."""
+    """Studies with their prediction (active model) and review status; empty filters = all.
+    ``domains``: values of ``DOMAIN_FILTERS`` ("in", "out", "unscored")."""
     with scope(write=False) as session:
         rows = worklist_queries.worklist(
-            session, status=list(statuses) if statuses else None, sort=sort
+            session,
+            status=list(statuses) if statuses else None,
+            sort=sort,
+            domain=list(domains) if domains else None,
         )
     if classes:
         wanted = set(classes)

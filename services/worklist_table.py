@@ -12,7 +12,7 @@ from typing import Any
 
 from database.worklist import WorklistRow
 from services.display import MISSING
-from services.studies import STATUS_LABELS, InfectionSummary
+from services.studies import DOMAIN_LABELS, STATUS_LABELS, InfectionSummary
 
 # The sorts that depend on the shown (possibly human) figures; highest first, missing last.
 # Others keep the database's order.
@@ -50,6 +50,8 @@ def worklist_records(
                 "severity score": score,  # not a column: the severity sort's key
                 "masks": source or MISSING,
                 "uncertainty": r.uncertainty,
+                "in domain": DOMAIN_LABELS[r.in_domain] if r.prediction_id else MISSING,
+                "ood score": r.out_of_domain,
                 "status": STATUS_LABELS.get(r.status, r.status),
                 "last touched by": r.last_author or "",
                 "last touched (UTC)": r.last_touched.strftime("%Y-%m-%d %H:%M")
