@@ -73,17 +73,44 @@ def photograph(tmp_path: Path) -> Path:
     return path
 
 
+def stored_in_domain(server: AppServer, display_name: str) -> bool | None:
+    engine = make_engine(server.database_url)
+    try:
+        with session_scope(engine, write=False) as s:
+            row = next(r for r in worklist.worklist(s) if r.display_name == display_name)
+            return row.in_domain
+    finally:
+        engine.dispose()
+
+
+def rg1() -> Path:
+    from dicom_samples import pydicom_data_file
+
+    return pydicom_data_file("RG1_UNCR.dcm")
+
+
+@pytest.mark.parametrize("which", ["photograph", "rg1"])
 def test_out_of_domain_upload_is_warned_with_no_class_call(
-    page: Page, tmp_path: Path, shot  # noqa: ANN001
+    page: Page, tmp_path: Path, shot, shipped_server: AppServer, which: str  # noqa: ANN001
 ) -> None:
-    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(
-        [str(photograph(tmp_path))]
-    )
-    expect(page.get_by_text(re.compile(r"street_photo\.png added as study #\d+"))).to_be_visible()
+    """The photograph must be out of domain; RG1 (a real chest CR from before 2019) is warned
+    exactly when the shipped model calls it out of domain (2.0.1 does)."""
+    path = photograph(tmp_path) if which == "photograph" else rg1()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files([str(path)])
+    name = re.escape(path.name)
+    expect(page.get_by_text(re.compile(rf"{name} (added as|is already) study #\d+"))
+           ).to_be_visible()
+    out = stored_in_domain(shipped_server, path.name) is False
+    assert out or which == "rg1", "the photograph must be out of domain"
     page.get_by_test_id("stExpander").get_by_role("button", name="Review").click()
     expect(page.get_by_role("heading", name="Review")).to_be_visible()
-
+    panels = page.locator('[data-testid="stPlotlyChart"]').first
+    expect(panels.locator("g.imagelayer image")).to_have_count(4)  # masks shown either way
     alert = page.locator('[data-testid="stAlert"]').filter(has_text="Out of domain")
+    if not out:
+        expect(page.get_by_text(re.compile(r"Predicted: .+ \(\d+\.\d%\)"))).to_be_visible()
+        expect(alert).to_have_count(0)
+        return
     expect(alert).to_be_visible()
     expect(alert).to_contain_text("do not trust the model's class or severity")
     expect(alert).to_contain_text("unlike the chest X-rays the model was trained on")
@@ -91,9 +118,7 @@ def test_out_of_domain_upload_is_warned_with_no_class_call(
     expect(page.get_by_text("Class: not called (out of domain)")).to_be_visible()
     expect(page.get_by_text(re.compile(r"Predicted: "))).to_have_count(0)
     expect(page.locator('[data-testid="stMetric"]').filter(has_text="Severity")).to_have_count(0)
-    panels = page.locator('[data-testid="stPlotlyChart"]').first
-    expect(panels.locator("g.imagelayer image")).to_have_count(4)  # masks still shown
-    shot(page, "review-out-of-domain")
+    shot(page, f"review-out-of-domain-{which}")
 
     page.get_by_role("button", name="Correct masks").click()  # and open for correction
     expect(page.get_by_role("heading", name="Correction")).to_be_visible()
