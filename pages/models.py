@@ -44,7 +44,14 @@ def versions_section(records: list[dict[str, Any]]) -> None:
         "held-aside Dice (new / base)": (
             f"{r['held_score']:.3f} / {r['held_score_base']:.3f}"
             if r["held_score"] is not None and r["held_score_base"] is not None else None),
+        "held-aside reading accuracy (new / base)": (
+            f"{r['held_accuracy']:.2f} / {r['held_accuracy_base']:.2f}"
+            if r["held_accuracy"] is not None and r["held_accuracy_base"] is not None else None),
+        "held-aside reading ECE (new / base)": (
+            f"{r['held_ece']:.3f} / {r['held_ece_base']:.3f}"
+            if r["held_ece"] is not None and r["held_ece_base"] is not None else None),
         "annotation versions": r["annotations"] or None,
+        "readings": r["readings"] or None,
         "train min": r["train_minutes"], "data hash": r["data_hash"],
         "decision": r["decision"],
     } for r in reversed(records)])
@@ -187,9 +194,12 @@ def repredict_section() -> None:
 def start_section(run_list: list[dict[str, Any]]) -> None:
     st.subheader("Fine-tune on the corrections")
     n_studies, n_versions = admin.corrections_available(common.db)
+    n_readings = admin.readings_available(common.db)
     busy = [r for r in run_list if r["status"] in ("queued", "running") and not admin.is_stale(r)]
     st.caption(f"{n_studies} studies with submitted or approved masks ({n_versions} mask "
-               "versions). About 20% of the studies are held aside to judge the new model; "
+               f"versions) and {n_readings} with a submitted or approved class reading "
+               "(COVID-19 / Non-COVID / Normal; other findings and not assessable are not "
+               "class targets). About 20% of the studies are held aside to judge the new model; "
                "COVID-QU-Ex Train is replayed so it does not forget. The new version becomes "
                "active only if it beats the active one on the held-aside studies and loses no "
                "more than the tolerance on COVID-QU-Ex Val.")

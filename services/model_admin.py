@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from database import annotation_versions, model_versions, runs
+from database import annotation_versions, model_versions, reading_versions, runs
 from database.session import data_dir_for
 from inference.model import LoadedModel
 from services import ingest, studies
 from services.ingest import SessionFactory
+from settings import READING_CLASSES
 from training import run_control
 
 log = logging.getLogger("infmap.models")
@@ -70,6 +71,11 @@ def version_records(scope: SessionFactory) -> list[dict[str, Any]]:
                 "held_score": _dice(corr.get("score")),
                 "held_score_base": _dice(base_corr.get("score")),
                 "held_n": corr.get("n_images"),
+                "held_accuracy": corr.get("reading_accuracy"),
+                "held_accuracy_base": base_corr.get("reading_accuracy"),
+                "held_ece": corr.get("reading_ece"),
+                "held_ece_base": base_corr.get("reading_ece"),
+                "readings": len(lin.get("reading_version_ids") or []),
                 "annotations": len(lin.get("annotation_version_ids") or []),
                 "data_hash": (lin.get("data_hash") or "")[:12],
                 "decision": decision.get("reason") or lin.get("source") or "",
@@ -91,6 +97,12 @@ def corrections_available(scope: SessionFactory) -> tuple[int, int]:
     with scope(write=False) as s:
         versions = annotation_versions.training_annotations(s)
         return len({v.image_id for v in versions}), len(versions)
+
+
+def readings_available(scope: SessionFactory) -> int:
+    """Studies whose submitted or approved reading a fine-tuning run would learn as a class."""
+    with scope(write=False) as s:
+        return sum(v.label in READING_CLASSES for v in reading_versions.training_readings(s))
 
 
 def run_records(scope: SessionFactory, limit: int = 10) -> list[dict[str, Any]]:

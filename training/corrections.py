@@ -1,8 +1,13 @@
 """The corrections fine-tuning learns from: read from the database, put on the network's grid,
 split into train / held aside by a stable hash, and hashed for lineage.
 
-A study with only one corrected kind gets the base model's own mask for the other kind
-(``fill_missing_kinds``); infection drawn outside a model-made lung mask grows that lung mask.
+A correction is a study with human masks, a reading, or both. Masks: a study with only one
+corrected kind gets the base model's own mask for the other kind (``fill_missing_kinds``);
+infection drawn outside a model-made lung mask grows that lung mask. A study with a reading but
+no human mask has no mask target at all (``has_masks`` False: the segmentation losses skip it).
+Readings: COVID-19 / Non-COVID / Normal are class targets; "other finding" and "not assessable"
+are not (the class head knows only the three classes), so such a study trains its masks only,
+and is left out when it has no masks.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from database import annotation_versions, images
+from database import annotation_versions, images, reading_versions
 from database.masks import png_to_mask, resize_mask
 from inference.model import LoadedModel
 from inference.preprocess import Letterbox, to_float_pixels
 from inference.storage import xray_from_npz_bytes
 from settings import MASK_KINDS as KINDS
+from settings import READING_CLASSES
 from training.data import SplitArrays
 from training.evaluate import predict_arrays
 from training.losses import NO_LABEL
@@ -38,6 +44,14 @@ class Correction:
     infection: np.ndarray  # bool (S, S)
     human: dict[str, int] = field(default_factory=dict)  # kind -> annotation version id
     mask_sha256: dict[str, str] = field(default_factory=dict)  # kind -> sha of the stored PNG
+    label: int = NO_LABEL  # class index from the reading; NO_LABEL: no class target
+    reading: int | None = None  # the reading version id (also when it is not a class target)
+    reading_label: str | None = None  # the reading as stored ("other finding", ...)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the study has mask targets (a human mask; the other kind is filled in)."""
+        return bool(self.human)
 
 
 def letterbox_uint8(pixels: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
@@ -81,18 +95,33 @@ def as_split(corrections: Sequence[Correction]) -> SplitArrays:
         images=np.stack([c.image for c in corrections]),
         lungs=np.stack([c.lung for c in corrections]).astype(np.uint8),
         infections=np.stack([c.infection for c in corrections]).astype(np.uint8),
-        labels=np.full(len(corrections), NO_LABEL, np.int64),
+        labels=np.array([c.label for c in corrections], np.int64),
         names=[f"image-{c.image_id}" for c in corrections],
     )
 
 
-def load_corrections(s: Any, statuses: Sequence[str], size: int) -> list[Correction]:
+def class_target(reading_label: str) -> int:
+    """The class index a reading teaches, or NO_LABEL ("other finding", "not assessable")."""
+    return READING_CLASSES.index(reading_label) if reading_label in READING_CLASSES else NO_LABEL
+
+
+def load_corrections(
+    s: Any, statuses: Sequence[str], size: int, readings: bool = True
+) -> list[Correction]:
+    """Per study, its latest ``statuses`` mask versions and (``readings``) its latest
+    ``statuses`` reading; a study whose only correction is a reading that is not a class
+    target is left out (it would teach nothing)."""
     by_image: dict[int, dict[str, Any]] = {}
     for version in annotation_versions.training_annotations(s, statuses):
         by_image.setdefault(version.image_id, {})[version.kind] = version
+    read = ({v.image_id: v for v in reading_versions.training_readings(s, statuses)}
+            if readings else {})
     corrections = []
-    for image_id, versions in sorted(by_image.items()):
-        image = next(iter(versions.values())).image
+    for image_id in sorted(set(by_image) | set(read)):
+        versions, reading = by_image.get(image_id, {}), read.get(image_id)
+        if not versions and (reading is None or class_target(reading.label) == NO_LABEL):
+            continue
+        image = reading.image if reading is not None else next(iter(versions.values())).image
         xray = xray_from_npz_bytes(images.read_image_payload(image))
         square, box = letterbox_uint8(xray.pixels, size)
         c = Correction(image_id=image_id, image_sha256=image.sha256, image=square,
@@ -101,6 +130,9 @@ def load_corrections(s: Any, statuses: Sequence[str], size: int) -> list[Correct
             setattr(c, kind, letterbox_mask(png_to_mask(version.mask_png), box))
             c.human[kind] = int(version.id)
             c.mask_sha256[kind] = hashlib.sha256(version.mask_png).hexdigest()
+        if reading is not None:
+            c.reading, c.reading_label = int(reading.id), reading.label
+            c.label = class_target(reading.label)
         corrections.append(c)
     return corrections
 
@@ -108,7 +140,7 @@ def load_corrections(s: Any, statuses: Sequence[str], size: int) -> list[Correct
 def fill_missing_kinds(corrections: Sequence[Correction], base: LoadedModel) -> int:
     """Give each study the base model's own mask for a kind nobody corrected; keep infection
     inside the lungs. Returns how many masks were filled in."""
-    todo = [c for c in corrections if len(c.human) < len(KINDS)]
+    todo = [c for c in corrections if 0 < len(c.human) < len(KINDS)]  # reading-only: no masks
     if todo:
         pred = predict_arrays(base, as_split(todo))
         for c, lung, inf in zip(todo, pred.lungs, pred.infections, strict=True):
@@ -116,19 +148,25 @@ def fill_missing_kinds(corrections: Sequence[Correction], base: LoadedModel) -> 
                 c.lung = lung | c.infection  # the human infection lies inside the lungs
             if "infection" not in c.human:
                 c.infection = inf & c.lung
-    return sum(len(KINDS) - len(c.human) for c in corrections)
+    return sum(len(KINDS) - len(c.human) for c in todo)
 
 
 def data_hash(train: Sequence[Correction], held: Sequence[Correction],
               replay: dict[str, Any]) -> str:
     """sha256 of what the model was trained and judged on: per study the payload hash, the
-    annotation version ids and mask hashes (or 'model' for a model-filled kind), which side of
-    the split it is on, and the replay settings."""
+    annotation version ids and mask hashes (or 'model' for a model-filled kind, 'none' for a
+    study without masks), its reading (version id and label) if any, which side of the split it
+    is on, and the replay settings."""
     rows = []
     for side, group in (("train", train), ("held", held)):
         for c in group:
-            rows.append([side, c.image_sha256,
-                         {k: [c.human.get(k), c.mask_sha256.get(k, "model")] for k in KINDS}])
+            fallback = "model" if c.has_masks else "none"
+            row: list[Any] = [side, c.image_sha256,
+                              {k: [c.human.get(k), c.mask_sha256.get(k, fallback)]
+                               for k in KINDS}]
+            if c.reading is not None:  # absent for mask-only studies: their hash is unchanged
+                row.append({"reading": c.reading, "label": c.reading_label})
+            rows.append(row)
     blob = json.dumps({"corrections": sorted(rows, key=lambda r: (r[0], r[1])),
                        "replay": replay}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,8 +1,9 @@
-"""Fine-tune InfMap on the annotators' corrections and register the result as a model version.
+"""Fine-tune InfMap on the annotators' corrections and readings and register the result as a
+model version.
 
     python -m training.finetune --db sqlite:///data/infmap.sqlite --out models/versions/ft.pt \\
         [--base CHECKPOINT] [--data ../shared/data/covid-qu-ex] [--steps 150] \\
-        [--replay-ratio 0.5] [--seed 0] [--tolerance 0.01] [--run-id ID]
+        [--replay-ratio 0.5] [--seed 0] [--tolerance 0.01] [--run-id ID] [--no-readings]
 
 What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
 
@@ -11,28 +12,40 @@ What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
    annotator saw both overlays and submitted, so the untouched one was accepted (and dropping
    half-corrected studies would waste most corrections, which usually fix only the infection).
    Infection drawn outside a model-made lung mask grows that lung mask (infection lies inside
-   the lungs). Images are decoded from the stored payloads and letterboxed to the network's
+   the lungs). Readings (the latest submitted or approved reading version per study;
+   ``--no-readings`` ignores them) are class targets when they are COVID-19 / Non-COVID /
+   Normal; "other finding" and "not assessable" are not (the head has only the three classes).
+   So a study trains its masks (segmentation losses), its class (class loss) or both: a study
+   with only a reading trains the class head alone, a study with only masks the segmentation
+   alone, and a study whose only correction is a non-class reading is left out. Images are
+   decoded from the stored payloads and letterboxed to the network's
    input size exactly as inference does; masks go through the same letterbox.
 2. Held aside: each study is held aside for validation when a seeded hash of its content hash
    falls in the lowest ``--holdout`` share (default 20%; at least one study, at least one left
    for training). The hash keeps the choice stable as corrections accumulate, so a study used
    to judge one version is never trained on by the next.
 3. Replay: each batch mixes ``--replay-ratio`` of COVID-QU-Ex Train samples (with their class
-   labels) into the corrections so the model does not forget what it knew. Corrections carry
-   no class, so they stay out of the class loss (``training.losses.MultiTaskLoss``); the
-   replayed samples still train the class head.
+   labels and masks) into the corrections so the model does not forget what it knew.
+   Corrections without a class reading stay out of the class loss and corrections without
+   masks out of the mask losses (``training.losses.MultiTaskLoss``: ``NO_LABEL``,
+   ``mask_known``); the replayed samples train both.
 4. Fine-tuning from ``--base`` (default: the active model version's checkpoint) with AdamW,
    warm-up + cosine LR, bf16 autocast (on CPUs with native bf16) and channels_last
    (``training.loop.train_step``).
 5. Evaluation of base and new on the held-aside corrections (per-image mean lung and infection
    Dice over the human-drawn masks only; an image whose human and predicted masks are both
-   empty scores 1, exactly one empty scores 0) and on a fixed seeded subset of COVID-QU-Ex Val
-   (``--val-size``, default 200; lung Dice over all, infection Dice over COVID-19 images).
+   empty scores 1, exactly one empty scores 0), on the held-aside class readings (accuracy of
+   the decided class and top-label ECE, 15 equal-width bins, on the calibrated probabilities:
+   ``metrics["corrections"]`` and ``metrics["base"]["corrections"]``) and on a fixed seeded
+   subset of COVID-QU-Ex Val (``--val-size``, default 200; lung Dice over all, infection Dice
+   over COVID-19 images, accuracy).
 6. The checkpoint is written atomically, then the model version is registered with lineage
    (base version, annotation version ids, data hash), metrics and training time in ONE
-   transaction that also finishes the run. It becomes active only if it beats the base on the
-   held-aside corrections AND loses no more than ``--tolerance`` Dice on Val (lung and
-   infection each); otherwise it is registered inactive and a user may activate it by hand.
+   transaction that also finishes the run. It becomes active only if, on the held-aside
+   studies, it is no worse than the base on any measure there is (masks' Dice, readings'
+   accuracy) and better on one (a higher accuracy, or the same with a lower ECE), AND it loses
+   no more than ``--tolerance`` on Val (lung and infection Dice; accuracy too when the run
+   learned readings); otherwise it is registered inactive and a user may activate it by hand.
 
 Interruption: SIGTERM/SIGINT or any exception marks the run ``interrupted``/``failed``, removes
 this run's checkpoint if it was not registered, and registers nothing. Resuming is re-running:
@@ -85,7 +98,7 @@ from training.corrections import (
 from training.data import SplitArrays, to_tensors
 from training.gate import ActivationGate, ForgettingGate, evaluate
 from training.loop import NATIVE_BF16, lr_at, train_step
-from training.losses import MultiTaskLoss
+from training.losses import NO_LABEL, MultiTaskLoss
 from training.replay import load_replay, load_val
 from training.run_control import (
     FinetuneError,
@@ -128,6 +141,7 @@ class FinetuneOptions:
     seed: int = 0
     tolerance: float = 0.01
     statuses: tuple[str, ...] = ("submitted", "approved")
+    readings: bool = True  # learn the class from readings (False: masks only, as before)
     run_id: int | None = None
     version: str | None = None
     activate: str = "auto"  # "auto" (the rule), "never"
@@ -231,11 +245,13 @@ def _round_to_half(model: torch.nn.Module) -> None:
 def _train(
     base: LoadedModel,
     corr_arrays: SplitArrays,
+    corr_has_masks: list[bool],
     replay: SplitArrays | None,
     opts: FinetuneOptions,
     progress: Progress,
 ) -> tuple[InfMapNet, int, float]:
     """The training loop on the base's network: corrections mixed with replayed Train images.
+    A correction without masks (a reading only) trains the class head only.
     Returns (model in eval mode with float16-rounded weights, replayed per batch, seconds)."""
     model, config = base.model, base.config
     if opts.channels_last:
@@ -249,6 +265,7 @@ def _train(
     n_replay = min(opts.batch_size - 1, round(opts.batch_size * opts.replay_ratio)) \
         if replay is not None else 0
     corr_batches = _batches(len(corr_arrays), opts.batch_size - n_replay, rng)
+    has_masks = torch.from_numpy(np.asarray(corr_has_masks, bool))
     replay_batches = (_batches(len(replay), n_replay, rng)
                       if replay is not None and n_replay else None)
     warmup = max(1, opts.steps // 10)
@@ -256,14 +273,17 @@ def _train(
     t_train = time.monotonic()
     bar = progress.bar(opts.steps, "fine-tune")
     for step in range(opts.steps):
-        img, masks, labels = to_tensors(corr_arrays, next(corr_batches))
+        idx = next(corr_batches)
+        img, masks, labels = to_tensors(corr_arrays, idx)
+        known = has_masks[idx]
         if replay is not None and replay_batches is not None:
             r_img, r_masks, r_labels = to_tensors(replay, next(replay_batches))
             img, masks = torch.cat([img, r_img]), torch.cat([masks, r_masks])
             labels = torch.cat([labels, r_labels])
+            known = torch.cat([known, torch.ones(len(r_labels), dtype=torch.bool)])
         parts = train_step(model, optimizer, loss_fn, img, masks, labels, gen, config,
                            lr_at(step, opts.steps, opts.lr, warmup), opts.bf16,
-                           opts.channels_last)
+                           opts.channels_last, mask_known=known)
         for k, v in parts.items():
             running[k] = 0.9 * running.get(k, v) + 0.1 * v
         bar.update(1)
@@ -297,9 +317,10 @@ def _finetune(
         base_version = base_row.version if base_row is not None else None
         base = load_checkpoint(base_path)
         size = base.config.input_size
-        corrections = load_corrections(s, opts.statuses, size)
+        corrections = load_corrections(s, opts.statuses, size, readings=opts.readings)
     if not corrections:
-        raise FinetuneError("there are no submitted or approved corrections to learn from")
+        raise FinetuneError("there are no submitted or approved corrections (masks or class "
+                            "readings) to learn from")
     filled = fill_missing_kinds(corrections, base)
     train_set, held = split_holdout(corrections, opts.holdout, opts.seed)
 
@@ -312,16 +333,20 @@ def _finetune(
     val = load_val(opts_data, size) if data_root and opts.val_size else None
 
     progress.update(0.06, "evaluating the base model", force=True)
-    base_metrics = evaluate(base, held, val)
+    trained_on = {"masks": sum(c.has_masks for c in train_set),
+                  "readings": sum(c.label != NO_LABEL for c in train_set)}
+    base_metrics = {**evaluate(base, held, val), "trained_on": trained_on}
 
-    model, n_replay, train_seconds = _train(base, as_split(train_set), replay, opts, progress)
+    model, n_replay, train_seconds = _train(base, as_split(train_set),
+                                            [c.has_masks for c in train_set], replay, opts,
+                                            progress)
 
     progress.update(0.87, "evaluating the fine-tuned model", force=True)
     # The base's Val-fitted decisions (temperature, thresholds, out-of-domain reference) carry
     # over: a short fine-tune moves the features little, and base and new are then judged alike.
     new = LoadedModel(model=model, config=base.config, meta={}, path=None, sha256=None,
                       calibration=base.calibration)
-    new_metrics = evaluate(new, held, val)
+    new_metrics = {**evaluate(new, held, val), "trained_on": trained_on}
     accept, reason = gate.decide(base_metrics, new_metrics)
     if opts.activate == "never":
         accept, reason = False, f"not activated (--activate never); rule says: {reason}"
@@ -347,6 +372,16 @@ def _finetune(
         "held_aside_annotation_version_ids": sorted(v for c in held for v in c.human.values()),
         "train_image_ids": [c.image_id for c in train_set],
         "held_aside_image_ids": [c.image_id for c in held],
+        "reading_version_ids": sorted(c.reading for c in train_set if c.reading is not None),
+        "held_aside_reading_version_ids": sorted(c.reading for c in held
+                                                 if c.reading is not None),
+        "studies": {"masks_only": sum(c.has_masks and c.label == NO_LABEL
+                                      for c in corrections),
+                    "reading_only": sum(not c.has_masks for c in corrections),
+                    "both": sum(c.has_masks and c.label != NO_LABEL for c in corrections),
+                    "readings_not_class_targets": sum(c.reading is not None
+                                                      and c.label == NO_LABEL
+                                                      for c in corrections)},
         "model_filled_masks": filled,
         "statuses": list(opts.statuses),
         "data_hash": data_hash(train_set, held, replay_info),
@@ -361,7 +396,8 @@ def _finetune(
     metrics = {
         "corrections": new_metrics["corrections"],
         "val": new_metrics["val"],
-        "base": base_metrics,
+        "trained_on": trained_on,
+        "base": {k: base_metrics[k] for k in ("corrections", "val")},
         "decision": {"activate": accept, "reason": reason, "tolerance": opts.tolerance,
                      "rule": gate.rule},
         "train_seconds": round(train_seconds, 1),
@@ -445,6 +481,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--version", default=None, help="version name (default <base>-ft<run id>)")
     p.add_argument("--activate", choices=("auto", "never"), default="auto")
     p.add_argument("--statuses", default=",".join(d.statuses))
+    p.add_argument("--no-readings", action="store_true",
+                   help="ignore readings: learn from the masks only")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--no-bf16", action="store_true",
                    help="no CPU bf16 autocast (it is used only where the CPU has native bf16)")
@@ -462,6 +500,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
         replay_limit=a.replay_limit, val_size=a.val_size, holdout=a.holdout, seed=a.seed,
         tolerance=a.tolerance, run_id=a.run_id, version=a.version, activate=a.activate,
         statuses=tuple(x.strip() for x in a.statuses.split(",") if x.strip()),
+        readings=not a.no_readings,
         threads=a.threads, bf16=NATIVE_BF16 and not a.no_bf16, channels_last=not a.no_channels_last,
         cache_dir=a.cache_dir or None, progress=not a.no_progress,
         fail_after_step=a.fail_after_step,

@@ -2,8 +2,9 @@
 pluggable gate (``ActivationGate``: anything with ``decide(base, new) -> (activate, reason)``).
 
 Metrics: per-image mean lung and infection Dice on the held-aside corrections (the human-drawn
-kinds only) and, on a fixed seeded subset of COVID-QU-Ex Val, lung Dice over all images and
-infection Dice over COVID-19 images. ``ForgettingGate`` is the shipped rule.
+kinds only), accuracy (of the decided class) and top-label ECE on the held-aside class readings,
+and, on a fixed seeded subset of COVID-QU-Ex Val, lung Dice over all images, infection Dice over
+COVID-19 images and accuracy. ``ForgettingGate`` is the shipped rule.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 from inference.model import CLASS_NAMES, LoadedModel
 from training.corrections import KINDS, Correction, as_split
 from training.data import SplitArrays
-from training.eval_metrics import split_scores
+from training.eval_metrics import ECE_BINS, SplitPredictions, split_scores
 from training.evaluate import predict_arrays
-from training.metrics import dice_iou_per_image
+from training.losses import NO_LABEL
+from training.metrics import dice_iou_per_image, expected_calibration_error
 
 Metrics = dict[str, Any]  # {"corrections": {...}, "val": {...} | None}
 
@@ -51,7 +53,21 @@ def correction_metrics(
                                if rows else None)
     present = [out[f"{k}_dice"] for k in KINDS if out[f"{k}_dice"] is not None]
     out["score"] = float(np.mean(present)) if present else None
+    out.update(reading_metrics(pred, arrays.labels))
     return out
+
+
+def reading_metrics(pred: SplitPredictions, labels: np.ndarray) -> dict[str, Any]:
+    """Accuracy of the decided class and top-label ECE (``ECE_BINS`` equal-width bins, on the
+    calibrated probabilities) over the studies whose reading is a class (label != NO_LABEL)."""
+    rows = np.flatnonzero(labels != NO_LABEL)
+    if not len(rows):
+        return {"n_readings": 0, "reading_accuracy": None, "reading_ece": None}
+    return {
+        "n_readings": int(len(rows)),
+        "reading_accuracy": float((pred.predicted[rows] == labels[rows]).mean()),
+        "reading_ece": expected_calibration_error(pred.probs[rows], labels[rows], ECE_BINS),
+    }
 
 
 def val_metrics(model: LoadedModel, val: SplitArrays, bf16: bool = False) -> dict[str, Any]:
@@ -60,33 +76,59 @@ def val_metrics(model: LoadedModel, val: SplitArrays, bf16: bool = False) -> dic
     return {"n_images": len(val), "n_covid": n_covid, **scores}
 
 
+def _held_aside(base: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, bool, bool]]:
+    """(what, not worse, better) for each held-aside measure both models have: the masks'
+    Dice score, and the readings' accuracy (a tie is broken by a lower ECE)."""
+    parts = []
+    b, n = base.get("score"), new.get("score")
+    if b is not None and n is not None:
+        parts.append((f"corrections Dice {n:.4f} vs base {b:.4f}", n >= b, n > b))
+    ba, na = base.get("reading_accuracy"), new.get("reading_accuracy")
+    if ba is not None and na is not None:
+        be, ne = base["reading_ece"], new["reading_ece"]
+        parts.append((f"readings accuracy {na:.4f} vs base {ba:.4f} (ECE {ne:.4f} vs {be:.4f})",
+                      na >= ba, na > ba or (na == ba and ne < be)))
+    return parts
+
+
 def decide(
     base: dict[str, Any], new: dict[str, Any], tolerance: float
 ) -> tuple[bool, str]:
-    """The activation rule. Better on the held-aside corrections (mean of the lung and
-    infection Dice that exist) and, on Val, neither lung nor infection Dice lower than the
-    base's by more than ``tolerance``."""
-    b, n = base["corrections"]["score"], new["corrections"]["score"]
-    if b is None or n is None:
-        return False, "no held-aside corrections to compare on"
-    if not n > b:
-        return False, f"not better on held-aside corrections ({n:.4f} <= base {b:.4f})"
+    """The activation rule. On the held-aside studies: not worse on any measure there is (the
+    mean of the lung and infection Dice that exist; the readings' accuracy) and better on at
+    least one (Dice higher; accuracy higher, or equal with a lower ECE). On Val: neither lung
+    nor infection Dice lower than the base's by more than ``tolerance``, nor, when the run
+    learned readings, the accuracy."""
+    parts = _held_aside(base["corrections"], new["corrections"])
+    if not parts:
+        return False, "no held-aside corrections or readings to compare on"
+    worse = [what for what, not_worse, _ in parts if not not_worse]
+    if worse:
+        return False, f"worse on held-aside {'; '.join(worse)}"
+    if not any(better for _, _, better in parts):
+        return False, f"not better on held-aside {'; '.join(w for w, _, _ in parts)}"
     if base.get("val") is None or new.get("val") is None:
         return False, "no COVID-QU-Ex Val to check against forgetting (--data); activate by hand"
-    for key in ("lung_dice", "infection_dice_covid"):
+    keys = ["lung_dice", "infection_dice_covid"]
+    if (new.get("trained_on") or {}).get("readings"):
+        keys.append("accuracy")
+    for key in keys:
         bv, nv = base["val"].get(key), new["val"].get(key)
         if bv is not None and nv is not None and nv < bv - tolerance:
             return False, f"worse on Val {key}: {nv:.4f} < base {bv:.4f} - {tolerance}"
-    return True, (f"better on held-aside corrections ({n:.4f} > base {b:.4f}) and within "
+    return True, (f"better on held-aside ({'; '.join(w for w, _, _ in parts)}) and within "
                   f"{tolerance} of the base on Val")
 
 
 @dataclass(frozen=True)
 class ForgettingGate:
-    """Better on the held-aside corrections, and no more than ``tolerance`` Dice lost on Val."""
+    """Better on the held-aside corrections and readings, and no more than ``tolerance`` lost
+    on Val (see ``decide``)."""
 
     tolerance: float = 0.01
-    rule: str = "held-aside score > base and Val lung/infection Dice >= base - tolerance"
+    rule: str = ("held-aside Dice / reading accuracy not worse than base and one better; Val "
+                 "lung/infection Dice (and accuracy when readings were learned) >= base - "
+                 "tolerance")
 
     def decide(self, base: Metrics, new: Metrics) -> tuple[bool, str]:
         return decide(base, new, self.tolerance)

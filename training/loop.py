@@ -58,8 +58,10 @@ def train_step(
     channels_last: bool = True,
     clip: float = 5.0,
     augment_fn: AugmentFn = augment,
+    mask_known: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """One augmented optimisation step on a batch; returns the loss parts (floats)."""
+    """One augmented optimisation step on a batch; returns the loss parts (floats).
+    ``mask_known`` (bool per sample, default all): which samples have mask targets."""
     img, masks = augment_fn(img, masks, generator)
     x = normalise(img, config)
     if channels_last:
@@ -68,7 +70,10 @@ def train_step(
         group["lr"] = lr
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         mask_logits, class_logits = model(x)
-    loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
+    if mask_known is None:
+        loss, parts = loss_fn(mask_logits, class_logits, masks, labels)
+    else:
+        loss, parts = loss_fn(mask_logits, class_logits, masks, labels, mask_known)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)

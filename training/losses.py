@@ -4,8 +4,11 @@ Dice is computed pooled over the batch (smp's default), so images with empty inf
 (all Normal and Non-COVID) still contribute through BCE and the pooled denominator.
 
 A sample labelled ``NO_LABEL`` trains the masks but not the class: a human mask correction
-carries no diagnosis. The class term is the mean over labelled samples only (0 when a batch has
-none), so a fully labelled batch (training from scratch) gets the plain cross-entropy.
+without a reading carries no diagnosis. The class term is the mean over labelled samples only
+(0 when a batch has none), so a fully labelled batch (training from scratch) gets the plain
+cross-entropy. Likewise ``mask_known`` (per sample; default all) says which samples have mask
+targets: a study with only a reading trains the class and not the masks, and the mask terms are
+computed over the samples with masks only (0 when a batch has none).
 """
 
 from __future__ import annotations
@@ -31,11 +34,18 @@ class MultiTaskLoss(nn.Module):
         class_logits: torch.Tensor,
         masks: torch.Tensor,
         labels: torch.Tensor,
+        mask_known: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         mask_logits = mask_logits.float()
+        if mask_known is not None and not bool(mask_known.all()):
+            known = mask_known.bool()
+            mask_logits, masks = mask_logits[known], masks[known]
         parts: dict[str, torch.Tensor] = {}
         for ch, name in enumerate(("lung", "infection")):
             logit, target = mask_logits[:, ch : ch + 1], masks[:, ch : ch + 1]
+            if len(logit) == 0:  # no sample of the batch has masks
+                parts[name] = logit.sum() * 0.0
+                continue
             parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
                 logit, target
             )
