@@ -6,7 +6,7 @@ from __future__ import annotations
 from app_helpers import run_app, scope_for, sign_in
 
 from database import reading_versions, users, worklist
-from services import reading_labels
+from services import reading_labels, studies
 from services.text import md_escape
 
 
@@ -96,3 +96,34 @@ def test_stale_reading_save_is_refused_and_kept_as_a_draft(app_env: str) -> None
         head = reading_versions.head_reading(s, study)
         assert (head.label, head.parent_id, head.author.name) == ("Normal", first_id,
                                                                   "Ann Reader")
+
+
+def test_sorted_on_shown_figures_each_row_keeps_its_thumbnail_and_reading(
+    app_env: str,  # noqa: F811
+) -> None:
+    """The worklist re-sorts its records on the figures shown (human masks' infection %); the
+    thumbnail and reading of each row must follow its own study (they were paired by position
+    with the database's order before, so a re-sorted row showed another study's)."""
+    at = run_app()
+    scope = scope_for(app_env)
+    model = studies.active_model(scope)
+    with scope(write=False) as s:
+        rows = worklist.worklist(s, sort="infection")  # the database's order: the model's %
+    preds = {r.image_id: studies.stored_prediction(scope, r.image_id, model) for r in rows}
+    target = [r.image_id for r in rows if preds[r.image_id].lung_mask.any()][-1]
+    assert rows[0].image_id != target  # the human figure has to move it up
+    with scope() as s:
+        ann = users.get_or_create_user(s, "Sort Tester", "annotator").id
+        rad = users.get_or_create_user(s, "Sort Reader", "radiologist")
+        reading_versions.save_reading(s, target, "Normal", None, rad, "approved", None)
+    lung = preds[target].lung_mask
+    assert studies.save_mask(scope, target, "infection", lung, ann, "submitted", None).ok
+
+    at.selectbox(key="worklist.sort").select("Infection % (highest first)").run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    top = table.iloc[0]
+    assert top["id"] == target and top["infection %"] == 100.0
+    assert top["thumbnail"] == studies.thumbnail(scope, target)
+    assert top["reading"] == "Normal"
+    assert (table.iloc[1:]["reading"] == "").all()
