@@ -53,6 +53,11 @@ DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at 
 # ----------------------------------------------------------------------------- vocabulary
 ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
 MASK_KINDS: tuple[str, ...] = ("lung", "infection")
+# Shown with every result (pages, the study report): what InfMap's output is for.
+DECISION_SUPPORT_NOTICE = (
+    "Decision support only: InfMap's masks, class probabilities, severity and Grad-CAM support "
+    "a radiologist's reading; they do not replace it. Not a diagnosis."
+)
 # What a reader may record as the study's reading: the model's three classes (the same names as
 # inference.model.CLASS_NAMES, so a reading is a class target as it is) and two that are not.
 READING_CLASSES: tuple[str, ...] = ("COVID-19", "Non-COVID", "Normal")

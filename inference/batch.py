@@ -1,6 +1,7 @@
 """Batch inference over files and folders -> predictions.csv and mask PNGs.
 
     python -m inference.batch INPUT... --out DIR [--checkpoint PATH] [--timeout SECONDS]
+                              [--report pdf|png]
 
 INPUT is a file or a folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and for
 extension-less DICOM files). Writes ``DIR/predictions.csv`` (one row per input file; a file that
@@ -9,6 +10,8 @@ cannot be read gets its message in ``error`` and the run goes on) and
 inside a sub-folder of an INPUT folder keep that sub-folder under ``masks/`` so names never clash.
 Each file is decoded in a worker process with a time limit (``--timeout``) and a memory limit
 (``inference.isolation``): a file that stalls or bloats the decoder gets an error row.
+``--report`` also writes ``DIR/reports/<stem>_report.pdf`` (or .png): the one-page study report
+(``inference.study_report``) of the model's output.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import settings  # noqa: E402 - also sets HF_HUB_OFFLINE before timm loads
+from inference import study_report  # noqa: E402
 from inference.checks import UnsupportedImage  # noqa: E402
 from inference.isolation import Budget, load_xray_isolated  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
@@ -119,16 +123,40 @@ def error_row(display: str, message: str) -> dict[str, str]:
     return row
 
 
+def _write_report(path: Path, title: str, pixels: np.ndarray, p: Prediction) -> None:
+    content = study_report.ReportContent(
+        title=title, pixels=pixels, lung_mask=p.lung_mask, infection_mask=p.infection_mask,
+        gradcam=p.gradcam, gradcam_class=p.gradcam_class, probabilities=p.probabilities,
+        predicted_class=p.predicted_class, infection_percent=p.infection_percent,
+        infection_percent_left=p.infection_percent_left,
+        infection_percent_right=p.infection_percent_right, severity=p.severity,
+        severity_score=p.severity_score, model_version=p.model_version,
+        masks_source="the model's", reading=None,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(study_report.render(content, path.suffix.lstrip(".")))
+
+
 def process_one(
-    item: InputFile, model: LoadedModel, masks_dir: Path, key: str, budget: Budget | None = None
+    item: InputFile,
+    model: LoadedModel,
+    masks_dir: Path,
+    key: str,
+    budget: Budget | None = None,
+    report_dir: Path | None = None,
+    report_format: str = "pdf",
 ) -> dict[str, str]:
-    """One file -> its CSV row; every failure becomes the row's error message."""
+    """One file -> its CSV row (and report, with ``report_dir``); every failure becomes the
+    row's error message."""
     try:
         # In a worker within the budget; also reports missing files and folders given as files.
         xray = load_xray_isolated(item.path, budget=budget)
         p = predict(xray, model)
         _write_mask(masks_dir / f"{key}_lung.png", p.lung_mask)
         _write_mask(masks_dir / f"{key}_infection.png", p.infection_mask)
+        if report_dir is not None:
+            _write_report(report_dir / f"{key}_report.{report_format}", item.display,
+                          xray.pixels, p)
         return prediction_row(item.display, p)
     except UnsupportedImage as exc:
         return error_row(item.display, str(exc))
@@ -150,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=settings.decode_seconds(), metavar="SECONDS",
                    help="stop reading a file after this many seconds and record an error row "
                    f"(default: {settings.decode_seconds():g})")
+    p.add_argument("--report", choices=study_report.FORMATS, default=None,
+                   help="also write a one-page study report per image (reports/<name>_report.*)")
     args = p.parse_args(argv)
     if args.timeout <= 0:
         p.error("--timeout must be a positive number of seconds")
@@ -172,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     masks_dir = out / "masks"
     masks_dir.mkdir(parents=True, exist_ok=True)
+    report_dir = out / "reports" if args.report else None
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out / "predictions.csv"
     used: set[str] = set()
     budget = Budget(seconds=args.timeout)
@@ -181,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         # File names are not printed: they may carry patient identifiers.
         for item in tqdm(items, desc="InfMap", unit="image", file=sys.stderr):
-            row = process_one(item, model, masks_dir, _unique(item.mask_key, used), budget)
+            row = process_one(item, model, masks_dir, _unique(item.mask_key, used), budget,
+                              report_dir, args.report or "pdf")
             failed += bool(row["error"])
             writer.writerow(row)
             fh.flush()  # rows survive an interrupted run

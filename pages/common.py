@@ -29,10 +29,7 @@ log = logging.getLogger("infmap.app")
 
 STUDY_KEY = "infmap.study_id"
 VISITED_KEY = "infmap.visited"
-DISCLAIMER = (
-    "Decision support only: InfMap's masks, class probabilities, severity and Grad-CAM support "
-    "a radiologist's reading; they do not replace it. Not a diagnosis."
-)
+DISCLAIMER = settings.DECISION_SUPPORT_NOTICE
 
 
 # ----------------------------------------------------------------------------- resources

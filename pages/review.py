@@ -16,7 +16,7 @@ import streamlit as st
 import settings
 from inference.windowing import apply_window
 from pages import common, pacs_panel, reading_panel
-from services import display, readings, seg_export, studies
+from services import display, readings, seg_export, studies, study_report
 from services.dicom_seg import SegError
 
 PLOTLY_CONFIG = {
@@ -174,6 +174,28 @@ def facts(
         st.caption("De-identified summary: no names, dates of birth or IDs are kept.")
 
 
+def report_download(
+    image_id: int, pred: studies.PredictionView, masks: dict[str, np.ndarray],
+    shown: readings.Reading, cam: np.ndarray, cam_class: str | None,
+) -> None:
+    """The one-page study report of what is shown, with the reading and its signer."""
+    with st.expander("Study report (one page: panels, figures, reading, model version)"):
+        fmt = st.radio("Format", ["pdf", "png"], horizontal=True, key="review.report_format")
+        wanted = (image_id, tuple(sorted((k, v.id) for k, v in shown.items())), cam_class, fmt)
+        if st.button("Prepare study report", icon=":material/description:", key="review.report"):
+            with st.spinner("Drawing the report..."):
+                made = study_report.review_report(
+                    common.db, image_id, pred, masks, readings.source_label(shown), cam,
+                    cam_class or "(model not loaded)", fmt,
+                )
+            st.session_state["review.report_file"] = (wanted, made)
+        ready = st.session_state.get("review.report_file")
+        if ready is not None and ready[0] == wanted:
+            name, data, mime = ready[1]
+            st.download_button("Download study report", data, file_name=name, mime=mime,
+                               icon=":material/download:", key="review.report_download")
+
+
 def seg_download(image_id: int, shown: readings.Reading, model_version: str) -> None:
     """The masks shown as a DICOM SEG (with its Secondary Capture for a PNG/JPEG study)."""
     versions = {kind: v.id for kind, v in shown.items()}
@@ -317,6 +339,8 @@ def main() -> None:
         )
         facts(info, pred, model.version, summary, source, verdict, note)
         seg_download(info.image_id, shown, model.version)
+        report_download(info.image_id, pred, {"lung": lung, "infection": infection}, shown,
+                        cam, cam_class if loaded is not None else None)
     st.divider()
     reading_panel.reading_section(info, pred)
 

@@ -64,6 +64,14 @@ def test_review_page_prepares_a_dicom_seg_of_the_masks_shown(app_env: str) -> No
     downloads = [b for b in at.get("download_button") if b.proto.label == "Download DICOM SEG"]
     assert len(downloads) == 1
 
+
+def test_review_page_prepares_the_study_report(app_env: str) -> None:
+    at = run_app("pages/review.py")
+    at.button(key="review.report").click().run()
+    assert not at.exception and not at.error, at.exception or at.error
+    offered = [b for b in at.get("download_button") if b.proto.label == "Download study report"]
+    assert len(offered) == 1
+
 def test_a_prediction_missing_while_the_model_could_not_load_is_not_remembered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, random_checkpoint: Path
 ) -> None:
