@@ -225,7 +225,3 @@ def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
 def model_notice(message: str | None) -> None:
     if message:
         st.warning(message, icon=":material/warning:")
-
-
-def fmt_time(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""

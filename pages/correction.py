@@ -2,9 +2,11 @@
 
 The canvas shows the X-ray with the mask being edited composited underneath; strokes in the add
 colour add, strokes in the erase colour remove (services.masks). What is being edited lives in
-the session state per (study, mask kind), so it survives leaving the page: the version it is
-drawn on (``parent``, what the repository checks for concurrent saves), the mask it started from
-(``base``: the model's mask or a saved version) and the edit history (services.editing).
+the session state per (study, mask kind), so it survives leaving the page: the
+``services.correction.Work`` with the version it is drawn on (``parent``, what the repository
+checks for concurrent saves), the mask it started from (``base``: the model's mask or a saved
+version) and the edit history (services.editing). What a save button does is
+``services.correction.save_edit``.
 
 Every shape the canvas sends is committed into that history at once and the canvas gets a fresh
 key (an empty drawing layer over the new mask), so undo, redo and clear are this page's own
@@ -12,8 +14,6 @@ buttons and what the canvas shows is always the mask that is previewed, scored a
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
@@ -23,8 +23,16 @@ from streamlit_drawable_canvas import st_canvas
 from inference.overlay import INFECTION_COLOR, LUNG_COLOR
 from pages import common
 from services import display, identity, masks, studies
-from services.editing import MaskEdits
-from services.text import md_escape
+from services.correction import (
+    MODEL,
+    Note,
+    Work,
+    approved_lock,
+    current_mask,
+    save_edit,
+    version_label,
+)
+from services.text import fmt_time, md_escape
 
 WORK = "correction.work"
 FLASH = "correction.flash"
@@ -35,65 +43,31 @@ TOOLS = {
     "Polygon: add": ("polygon", masks.ADD_COLOR),
     "Polygon: erase": ("polygon", masks.ERASE_COLOR),
 }
-MODEL = "model"
-
-
-@dataclass
-class Work:
-    parent: int | None  # the head this edit is drawn on (None: no human version yet)
-    base: int | str  # MODEL or a version id: the mask the edit started from
-    nonce: int = 0  # bumped by every action that outdates the last message
-    canvas: int = 0  # bumped to give the canvas an empty drawing layer
-    edits: MaskEdits | None = None  # None until the base mask has been read
 
 
 def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
     store = st.session_state.setdefault(WORK, {})
     key = f"{image_id}:{kind}"
     if key not in store:
-        store[key] = Work(parent=head.id if head else None, base=head.id if head else MODEL)
+        store[key] = Work.on(head)
     return store[key]
 
 
-def restart(work: Work, parent: int | None, base: int | str) -> None:
-    """Start a new edit from ``base`` (its history is dropped)."""
-    work.parent, work.base, work.nonce, work.edits = parent, base, work.nonce + 1, None
-    work.canvas += 1
-
-
-def edits_for(work: Work, model_mask: np.ndarray) -> MaskEdits:
-    if work.edits is None:
-        work.edits = MaskEdits.starting_from(base_mask(work, model_mask))
-    return work.edits
-
-
-def flash(work: Work, kind: str, text: str, conflict: int | None = None) -> None:
-    """Remember the outcome of an action for display under the save buttons."""
-    st.session_state[FLASH] = {
-        "kind": kind,
-        "text": text,
-        "conflict": conflict,
-        "nonce": work.nonce,
-    }
-
-
 def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> None:
-    """The last outcome: a success until the user draws again, an error until the next action
-    on this canvas, a refused save (conflict draft) until the user resolves it."""
-    note = st.session_state.get(FLASH)
+    """The last outcome (``services.correction.Note``), until it is outdated."""
+    note: Note | None = st.session_state.get(FLASH)
     if not note:
         return
-    stale = note["nonce"] != work.nonce or (note["kind"] == "success" and drawing)
-    if note.get("conflict") is None and stale:
+    if note.outdated(work, drawing):
         st.session_state.pop(FLASH, None)
         return
-    if note["kind"] == "success":
-        st.success(note["text"], icon=":material/check_circle:")  # our own words
-    elif note["kind"] == "info":
-        st.info(note["text"], icon=":material/info:")
+    if note.kind == "success":
+        st.success(note.text, icon=":material/check_circle:")  # our own words
+    elif note.kind == "info":
+        st.info(note.text, icon=":material/info:")
     else:
-        st.error(md_escape(note["text"]), icon=":material/block:")  # may name another author
-    conflict = note.get("conflict")
+        st.error(md_escape(note.text), icon=":material/block:")  # may name another author
+    conflict = note.conflict
     if conflict is not None:
         st.info(
             f"Nothing is lost: your refused mask is saved as your draft version {conflict} "
@@ -103,67 +77,13 @@ def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> N
         )
         c1, c2, _ = st.columns([2, 2, 3])
         if c1.button("Continue from my draft", key="correction.merge_draft", type="primary"):
-            restart(work, head.id if head else None, conflict)
+            work.restart(head.id if head else None, conflict)
             st.session_state.pop(FLASH, None)
             st.rerun()
         if c2.button("Start from the latest version", key="correction.take_latest"):
-            restart(work, head.id if head else None, head.id if head else MODEL)
+            work.restart(head.id if head else None, head.id if head else MODEL)
             st.session_state.pop(FLASH, None)
             st.rerun()
-
-
-def base_mask(work: Work, model_mask: np.ndarray) -> np.ndarray:
-    return model_mask if work.base == MODEL else common.version_mask(int(work.base))
-
-
-def base_label(work: Work) -> str:
-    return "the model's mask" if work.base == MODEL else f"version {work.base}"
-
-
-def other_mask(image_id: int, kind: str, pred: studies.PredictionView) -> np.ndarray:
-    """The current mask of the other kind (latest human version, else the model's)."""
-    head = studies.head_version(common.db, image_id, kind)
-    if head is not None:
-        return common.version_mask(head.id)
-    return pred.lung_mask if kind == "lung" else pred.infection_mask
-
-
-def save(
-    info: studies.StudyInfo,
-    kind: str,
-    work: Work,
-    edited: np.ndarray,
-    changed: bool,
-    head: studies.VersionInfo | None,
-    user: identity.Identity,
-    status: str,
-    comment: str,
-    prediction_id: int,
-) -> None:
-    """Save a version (or, for an unchanged head, record the review or the submission) and
-    remember the outcome. The edit history is kept: undo still works after a save."""
-    if not changed and head is not None and status != "draft":
-        outcome = studies.change_status(
-            common.db, info.image_id, kind, user.user_id, status, work.parent, comment
-        )
-    elif not changed and head is not None:
-        work.nonce += 1
-        flash(work, "info", f"Nothing to save: the mask is version {head.id} as it is.")
-        return
-    else:
-        if status == "returned" and not (comment or "").strip():
-            flash(work, "error", "Say what needs changing: a comment is required to send back.")
-            return
-        outcome = studies.save_mask(
-            common.db, info.image_id, kind, edited, user.user_id, status, work.parent,
-            comment, prediction_id,
-        )  # fmt: skip
-    work.nonce += 1
-    if outcome.ok:
-        work.parent = outcome.version_id
-        flash(work, "success", outcome.message)
-    else:
-        flash(work, "error", outcome.message, conflict=outcome.version_id)
 
 
 def history(
@@ -190,18 +110,11 @@ def history(
     )
     options = [MODEL] + [v.id for v in reversed(versions)]
     by_id = {v.id: v for v in versions}
-
-    def label(o: int | str) -> str:
-        if o == MODEL:
-            return "Model's mask"
-        v = by_id[int(o)]
-        extra = " · conflict draft" if v.conflict else ""
-        return f"Version {v.id} · {v.status}{extra} · {v.author} · {common.fmt_time(v.created)}"
-
     col_pick, col_view = st.columns([2, 3])
     with col_pick:
         chosen = st.selectbox(
-            "View a version", options, format_func=label, key=f"correction.view.{kind}"
+            "View a version", options, format_func=lambda o: version_label(o, by_id),
+            key=f"correction.view.{kind}",
         )
         mask = model_mask if chosen == MODEL else saved[int(chosen)]
         st.metric("Dice vs model", f"{masks.dice(mask, model_mask):.3f}")
@@ -210,13 +123,13 @@ def history(
         if can_edit and st.button(
             "Continue editing from this version", key=f"correction.load.{kind}"
         ):
-            restart(work, head.id if head else None, chosen)
+            work.restart(head.id if head else None, chosen)
             st.rerun()
     with col_view:
         h, w = masks.canvas_size(*mask.shape, max_side=384)
         st.image(
             display.mask_on_xray(pixels, mask, color, 0.45, size=(h, w)),
-            caption=md_escape(label(chosen)),
+            caption=md_escape(version_label(chosen, by_id)),
         )
 
 
@@ -266,23 +179,17 @@ def main() -> None:
         if head is not None and head.id != work.parent:
             st.warning(
                 f"{md_escape(head.author)} saved version {head.id} ({head.status}) at "
-                f"{common.fmt_time(head.created)}, after the version you are editing on. "
+                f"{fmt_time(head.created)}, after the version you are editing on. "
                 "Saving now will be refused; your edit would be kept as a conflict draft.",
                 icon=":material/sync_problem:",
             )
-    # An approved mask is what readers see: changing it is a revision that is reviewed again,
-    # started on purpose, not by a stray stroke.
     revising = f"correction.revise.{info.image_id}.{kind}"
-    locked = (
-        can_edit
-        and head is not None
-        and head.status == "approved"
-        and st.session_state.get(revising) != head.id
-    )
+    locked = approved_lock(can_edit, head, st.session_state.get(revising))
     if locked:
+        assert head is not None
         with notices:
             st.info(
-                f"Approved by {md_escape(head.author)} at {common.fmt_time(head.created)} "
+                f"Approved by {md_escape(head.author)} at {fmt_time(head.created)} "
                 f"(version {head.id}): readers see this mask. A change is a revision that "
                 "goes through review again.",
                 icon=":material/verified:",
@@ -302,7 +209,7 @@ def main() -> None:
     mode, stroke = TOOLS[tool]
     b_undo, b_redo, b_clear, b_reset, _ = st.columns([1, 1, 1, 2, 3])
 
-    edits = edits_for(work, model_mask)
+    edits = work.edits_for(model_mask, common.version_mask)
     current = edits.current()
     ch, cw = masks.canvas_size(*current.shape)
     background = Image.fromarray(
@@ -311,7 +218,7 @@ def main() -> None:
     left, right = st.columns([3, 2])
     with left:
         st.caption(
-            f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {base_label(work)}. "
+            f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {work.base_label()}. "
             "Green strokes add, magenta strokes erase; a polygon closes when you click its "
             "first point. Each finished shape becomes part of the mask at once: use Undo, "
             "Redo and Clear above the canvas."
@@ -338,7 +245,7 @@ def main() -> None:
                      key="correction.redo", icon=":material/redo:"):  # fmt: skip
         acted = edits.redo() or acted
     if b_clear.button("Clear", disabled=not can_edit, key="correction.clear",
-                      help=f"Back to {base_label(work)} (undoable)"):  # fmt: skip
+                      help=f"Back to {work.base_label()} (undoable)"):  # fmt: skip
         acted = edits.clear() or acted
     if b_reset.button("Reset to the model's mask", disabled=not can_edit,
                       key="correction.reset", help="Undoable"):  # fmt: skip
@@ -358,8 +265,12 @@ def main() -> None:
             icon=":material/edit_note:",
         )
 
-    lung = edited if kind == "lung" else other_mask(info.image_id, "lung", pred)
-    infection = edited if kind == "infection" else other_mask(info.image_id, "infection", pred)
+    def shown(other: str) -> np.ndarray:
+        return edited if kind == other else current_mask(
+            common.db, info.image_id, other, pred, common.version_mask
+        )
+
+    lung, infection = shown("lung"), shown("infection")
     summary = studies.infection_summary(lung, infection)
     with right:
         st.image(
@@ -393,7 +304,11 @@ def main() -> None:
             disabled=not can_edit,
             type="primary" if status in ("submitted", "approved") else "secondary",
         ):
-            save(info, kind, work, edited, changed, head, user, status, comment, pred.prediction_id)
+            assert user is not None  # can_edit
+            st.session_state[FLASH] = save_edit(
+                common.db, info.image_id, kind, work, edited, changed, head, user.user_id,
+                status, comment, pred.prediction_id,
+            )  # fmt: skip
             st.rerun()
     if not identity.can_review(user):
         st.caption("Approve and Send back are for radiologists.")

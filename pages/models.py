@@ -17,6 +17,7 @@ import settings
 from pages import common
 from services import dataset_export, display
 from services import model_admin as admin
+from services.text import fmt_time
 from training.finetune import FinetuneOptions
 
 SELECTED = "models.version"
@@ -38,7 +39,7 @@ def versions_section(records: list[dict[str, Any]]) -> None:
         return
     table = pd.DataFrame([{
         "active": "●" if r["active"] else "", "version": r["version"], "parent": r["parent"],
-        "created (UTC)": common.fmt_time(r["created"]),
+        "created (UTC)": fmt_time(r["created"]),
         "Val lung Dice": r["val_lung"], "Val infection Dice": r["val_infection"],
         "Val images": r["val_n"],
         "held-aside Dice (new / base)": (
@@ -275,8 +276,8 @@ def runs_panel() -> None:
     st.dataframe(pd.DataFrame([{
         "Run": r["id"], "Status": admin.RUN_STATUS_LABELS.get(r["status"], r["status"]),
         "Progress": r["progress"], "Message": admin.user_message(r["message"]),
-        "Started (UTC)": common.fmt_time(r["started"]),
-        "Finished (UTC)": common.fmt_time(r["finished"]), "Model version": r["model_version"],
+        "Started (UTC)": fmt_time(r["started"]),
+        "Finished (UTC)": fmt_time(r["finished"]), "Model version": r["model_version"],
     } for r in run_list]), hide_index=True, width="stretch", placeholder=display.MISSING,
         column_config={
         "Progress": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0,

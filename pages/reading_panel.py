@@ -13,7 +13,7 @@ import streamlit as st
 
 from pages import common
 from services import identity, reading_labels, studies
-from services.text import md_escape
+from services.text import fmt_time, md_escape
 from settings import READING_LABELS
 
 BASES = "reading.base"  # image id -> the head version id the form was made on (None: none)
@@ -109,7 +109,7 @@ def reading_section(info: studies.StudyInfo, pred: studies.PredictionView | None
     if head is not None and head.id != base:
         st.warning(
             f"{md_escape(head.author)} saved reading version {head.id} ({head.status}) at "
-            f"{common.fmt_time(head.created)}, after the version your form started from. "
+            f"{fmt_time(head.created)}, after the version your form started from. "
             "Saving now will be refused; your reading would be kept as a conflict draft.",
             icon=":material/sync_problem:",
         )

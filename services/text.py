@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import string
+from datetime import datetime
 
 _PUNCTUATION = re.compile("([" + re.escape(string.punctuation) + "])")
 
@@ -19,3 +20,8 @@ def md_escape(text: object) -> str:
     """``text`` as Markdown that renders exactly as the characters given, on one line."""
     flat = " ".join(str(text).split())
     return _PUNCTUATION.sub(r"\\\1", flat)
+
+
+def fmt_time(value: datetime | None) -> str:
+    """A stored time (UTC) as the pages show it; "" for none."""
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else ""

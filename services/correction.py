@@ -1,0 +1,145 @@
+"""The correction page's work without Streamlit: the edit in progress per (study, mask kind),
+what a press of a save button does, and the words the page shows for versions and outcomes.
+
+An edit (``Work``) is drawn on a head version (``parent``, what ``services.studies.save_mask``
+checks for concurrent saves) and started from a mask (``base``: the model's mask or a saved
+version); its undo/redo history is ``services.editing.MaskEdits``. Saved masks are read through
+the ``version_mask`` callable the page passes (its cached reader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from services import studies
+from services.editing import MaskEdits
+from services.ingest import SessionFactory
+from services.text import fmt_time
+
+MODEL = "model"  # the base of an edit started from the model's mask
+VersionMask = Callable[[int], np.ndarray]
+
+
+@dataclass
+class Work:
+    parent: int | None  # the head this edit is drawn on (None: no human version yet)
+    base: int | str  # MODEL or a version id: the mask the edit started from
+    nonce: int = 0  # bumped by every action that outdates the last message
+    canvas: int = 0  # bumped to give the canvas an empty drawing layer
+    edits: MaskEdits | None = None  # None until the base mask has been read
+
+    @classmethod
+    def on(cls, head: studies.VersionInfo | None) -> Work:
+        """A new edit of the head (or of the model's mask when there is no human version)."""
+        return cls(parent=head.id if head else None, base=head.id if head else MODEL)
+
+    def restart(self, parent: int | None, base: int | str) -> None:
+        """Start a new edit from ``base`` (its history is dropped)."""
+        self.parent, self.base, self.nonce, self.edits = parent, base, self.nonce + 1, None
+        self.canvas += 1
+
+    def base_label(self) -> str:
+        return "the model's mask" if self.base == MODEL else f"version {self.base}"
+
+    def base_mask(self, model_mask: np.ndarray, version_mask: VersionMask) -> np.ndarray:
+        return model_mask if self.base == MODEL else version_mask(int(self.base))
+
+    def edits_for(self, model_mask: np.ndarray, version_mask: VersionMask) -> MaskEdits:
+        if self.edits is None:
+            self.edits = MaskEdits.starting_from(self.base_mask(model_mask, version_mask))
+        return self.edits
+
+
+@dataclass(frozen=True)
+class Note:
+    """The outcome of an action, shown under the save buttons: ``kind`` is success, info or
+    error; ``conflict`` the conflict draft a refused save was kept as."""
+
+    kind: str
+    text: str
+    nonce: int
+    conflict: int | None = None
+
+    def outdated(self, work: Work, drawing: bool) -> bool:
+        """A success lasts until the user draws again, an error until the next action on this
+        canvas; a refused save (conflict draft) until the user resolves it."""
+        if self.conflict is not None:
+            return False
+        return self.nonce != work.nonce or (self.kind == "success" and drawing)
+
+
+def save_edit(
+    scope: SessionFactory,
+    image_id: int,
+    kind: str,
+    work: Work,
+    edited: np.ndarray,
+    changed: bool,
+    head: studies.VersionInfo | None,
+    user_id: int,
+    status: str,
+    comment: str,
+    prediction_id: int,
+) -> Note:
+    """Save a version (or, for an unchanged head, record the review or the submission) and say
+    how it went. The edit history is kept: undo still works after a save. An edit begun before
+    any human version (``parent`` None) while one now exists is saved, so it is refused as
+    stale and kept as a conflict draft."""
+    unchanged_head = not changed and head is not None
+    if unchanged_head and status != "draft" and work.parent is not None:
+        outcome = studies.change_status(
+            scope, image_id, kind, user_id, status, work.parent, comment
+        )
+    elif unchanged_head and status == "draft":
+        assert head is not None
+        work.nonce += 1
+        return Note("info", f"Nothing to save: the mask is version {head.id} as it is.", work.nonce)
+    else:
+        if status == "returned" and not (comment or "").strip():
+            return Note(
+                "error", "Say what needs changing: a comment is required to send back.",
+                work.nonce,
+            )  # fmt: skip
+        outcome = studies.save_mask(
+            scope, image_id, kind, edited, user_id, status, work.parent, comment, prediction_id
+        )
+    work.nonce += 1
+    if outcome.ok:
+        work.parent = outcome.version_id
+        return Note("success", outcome.message, work.nonce)
+    return Note("error", outcome.message, work.nonce, conflict=outcome.version_id)
+
+
+def current_mask(
+    scope: SessionFactory,
+    image_id: int,
+    kind: str,
+    pred: studies.PredictionView,
+    version_mask: VersionMask,
+) -> np.ndarray:
+    """The current mask of ``kind``: its latest human version, else the model's."""
+    head = studies.head_version(scope, image_id, kind)
+    if head is not None:
+        return version_mask(head.id)
+    return pred.lung_mask if kind == "lung" else pred.infection_mask
+
+
+def version_label(option: int | str, by_id: dict[int, studies.VersionInfo]) -> str:
+    """A history entry as the version picker names it (``MODEL`` or a version id)."""
+    if option == MODEL:
+        return "Model's mask"
+    v = by_id[int(option)]
+    extra = " · conflict draft" if v.conflict else ""
+    return f"Version {v.id} · {v.status}{extra} · {v.author} · {fmt_time(v.created)}"
+
+
+def approved_lock(
+    can_edit: bool, head: studies.VersionInfo | None, revising: int | None
+) -> bool:
+    """An approved mask is what readers see: changing it is a revision that is reviewed again,
+    started on purpose (``revising`` names the head the user chose to revise), not by a stray
+    stroke."""
+    return can_edit and head is not None and head.status == "approved" and revising != head.id
