@@ -1,0 +1,171 @@
+"""The correction page in real Chromium: drawing and saving, concurrent saves refused and kept,
+undo/redo/clear pixel by pixel, unsaved strokes kept while other pages are open.
+
+Each test works on its own study so the order does not matter; the database is inspected
+through the database modules, exactly as the app wrote it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from browser_helpers import go_to, sign_in, wait_idle
+from correction_helpers import (
+    app_button,
+    draw_polygon,
+    draw_stroke,
+    edit_infection,
+    expect_drawing_layer_empty,
+    image_id,
+    metric_value,
+    model_mask,
+    open_correction,
+    save_draft,
+    versions,
+    wait_result_gray_at,
+)
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+
+
+def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> None:
+    study = image_id(app_server, "Normal/normal_1.png")
+    page = open_correction(new_page, study)
+    sign_in(page, "Alice Annotator", "annotator")
+    expect(page.locator("canvas.dc-canvas").first).to_be_visible()
+    shot(page, "correction")
+
+    draw_stroke(page, (0.2, 0.3), (0.8, 0.7))
+    shot(page, "drawn")
+    changed = metric_value(page, "Changed pixels").inner_text()
+    page.get_by_text("Polygon: erase").click()
+    wait_idle(page)  # the canvas must have switched tools before the first click
+    draw_polygon(page, [(0.4, 0.4), (0.6, 0.4), (0.6, 0.6), (0.4, 0.6)])  # cuts the stroke
+    expect(metric_value(page, "Changed pixels")).not_to_have_text(changed)
+    wait_result_gray_at(page, 0.5, 0.5)  # the closed polygon, not a half-drawn one, is applied
+    wait_idle(page)
+    shot(page, "polygon-erased")
+    page.get_by_role("button", name="Save draft").click()
+    expect(page.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
+    shot(page, "saved")
+
+    saved = versions(app_server, study, "lung")
+    assert len(saved) == 1
+    version, mask = saved[0]
+    assert version.author.name == "Alice Annotator"
+    assert version.status == "draft" and not version.conflict
+    model = model_mask(app_server, study, "lung")
+    assert (mask ^ model).sum() > 100  # the stroke is in it
+    h, w = mask.shape
+    on_stroke = (round(0.3 * h + 0.05 * 0.4 / 0.6 * h), round(0.25 * w))
+    assert mask[on_stroke] and not model[on_stroke]  # added by the brush
+    assert not mask[h // 2, w // 2]  # removed again by the polygon
+    expect(page.get_by_text("Alice Annotator (annotator)").first).to_be_visible()  # history
+
+
+def test_concurrent_saves_refuse_the_stale_one_and_keep_it(new_page, shot, app_server) -> None:
+    study = image_id(app_server, "Normal/normal_10.png")
+    ann, bob = open_correction(new_page, study), open_correction(new_page, study)
+    sign_in(ann, "Ann Concurrent", "annotator")
+    sign_in(bob, "Bob Concurrent", "radiologist")
+    draw_stroke(ann, (0.1, 0.2), (0.5, 0.3))
+    draw_stroke(bob, (0.5, 0.6), (0.9, 0.8))
+
+    ann.get_by_role("button", name="Save draft").click()
+    expect(ann.get_by_text(re.compile(r"Draft saved: lung mask version \d+"))).to_be_visible()
+    shot(ann, "ann-saved")
+
+    bob.get_by_role("button", name="Save draft").click()
+    refusal = bob.locator('[data-testid="stAlert"]').filter(
+        has_text=re.compile(r"Ann Concurrent saved a newer lung mask .* at \d{4}-\d\d-\d\d")
+    )
+    expect(refusal).to_be_visible()
+    expect(bob.get_by_text(re.compile(r"saved as your draft version \d+"))).to_be_visible()
+    shot(bob, "bob-refused")
+
+    saved = versions(app_server, study, "lung")
+    assert [(v.author.name, v.conflict) for v, _ in saved] == [
+        ("Ann Concurrent", False),
+        ("Bob Concurrent", True),
+    ]
+    (_, ann_mask), (bob_version, bob_mask) = saved
+    assert bob_version.status == "draft"
+    model = model_mask(app_server, study, "lung")
+    assert (bob_mask ^ model).sum() > 100 and (bob_mask ^ ann_mask).sum() > 100  # nothing lost
+
+    bob.get_by_role("button", name="Continue from my draft").click()
+    expect(bob.get_by_text(f"starting from version {bob_version.id}")).to_be_visible()
+    shot(bob, "bob-merging")
+    go_to(bob, "Worklist")
+    expect(bob.get_by_role("heading", name="Worklist")).to_be_visible()
+
+
+def test_undo_redo_clear_are_what_is_saved_pixel_by_pixel(new_page, shot, app_server) -> None:
+    """Issue 16.1: brush, polygon, undo, redo, clear on the infection mask; after each the
+    stored mask is exactly the one the page had shown for that state."""
+    study = image_id(app_server, "Non-COVID/non_covid_11905.png")
+    page = open_correction(new_page, study)
+    edit_infection(page, "Una Undo")
+
+    draw_stroke(page, (0.2, 0.3), (0.45, 0.35))
+    expect_drawing_layer_empty(page)
+    after_stroke = metric_value(page, "Changed pixels").inner_text()
+    a = save_draft(page)
+
+    page.get_by_text("Polygon: add").click()
+    wait_idle(page)
+    draw_polygon(page, [(0.55, 0.55), (0.8, 0.55), (0.8, 0.8), (0.55, 0.8)])
+    expect(metric_value(page, "Changed pixels")).not_to_have_text(after_stroke)
+    expect_drawing_layer_empty(page)
+    after_polygon = metric_value(page, "Changed pixels").inner_text()
+    shot(page, "polygon")
+    b = save_draft(page)
+
+    app_button(page, "correction.undo").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text(after_stroke)
+    expect_drawing_layer_empty(page)
+    shot(page, "undone")
+    c = save_draft(page)
+
+    app_button(page, "correction.redo").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text(after_polygon)
+    d = save_draft(page)
+
+    app_button(page, "correction.clear").click()
+    expect(metric_value(page, "Changed pixels")).to_have_text("0")
+    e = save_draft(page)
+    shot(page, "cleared")
+
+    saved = {v.id: mask for v, mask in versions(app_server, study, "infection")}
+    assert sorted(saved) == [a, b, c, d, e]
+    model = model_mask(app_server, study, "infection")
+    assert (saved[a] ^ model).sum() > 100  # the stroke
+    assert (saved[b] ^ saved[a]).sum() > 100  # the polygon
+    np.testing.assert_array_equal(saved[c], saved[a])  # undo took the whole polygon away
+    np.testing.assert_array_equal(saved[d], saved[b])  # redo brought it back
+    np.testing.assert_array_equal(saved[e], model)  # clear: back to the model's mask
+
+
+def test_unsaved_strokes_and_mask_choice_survive_leaving_the_page(
+    new_page, shot, app_server
+) -> None:
+    """Issue 16.5: strokes not yet saved are the session's unsaved edit, not lost."""
+    study = image_id(app_server, "Non-COVID/non_covid_11906.png")
+    page = open_correction(new_page, study)
+    edit_infection(page, "Lea Leaver")
+    draw_stroke(page, (0.3, 0.3), (0.6, 0.5))
+    changed = metric_value(page, "Changed pixels").inner_text()
+
+    go_to(page, "Worklist")
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    go_to(page, "Correction")
+    expect(page.get_by_text("Editing the infection mask")).to_be_visible()
+    expect(metric_value(page, "Changed pixels")).to_have_text(changed)
+    expect(page.get_by_text("Unsaved changes")).to_be_visible()
+    shot(page, "back-with-unsaved")
+    saved = save_draft(page)
+    stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
+    assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100
