@@ -28,6 +28,8 @@ PAGES = [
     st.Page("pages/review.py", title="Review", icon=":material/radiology:", url_path="review"),
     st.Page("pages/correction.py", title="Correction", icon=":material/brush:", url_path="correct"),
     st.Page("pages/models.py", title="Models", icon=":material/model_training:", url_path="models"),
+    st.Page("pages/evaluation.py", title="Evaluation", icon=":material/analytics:",
+            url_path="evaluation"),
 ]
 
 

@@ -10,6 +10,9 @@ Environment variables (all optional):
 - ``INFMAP_SAMPLES_DIR``  the sample cases imported on first start (default ``samples/``)
 - ``INFMAP_DATA``         the COVID-QU-Ex tree for training, evaluation and the data tests
                           (default ``../shared/data/covid-qu-ex`` beside the repository)
+- ``INFMAP_EVAL_ROOTS``   folders (separated by ``os.pathsep``) under which the Evaluation page
+                          may read a labelled folder (default: ``samples/`` and the folder
+                          holding ``INFMAP_DATA``, i.e. ``../shared/data``)
 - ``INFMAP_REQUIRE_DATA``     ``1`` (CI): tests needing ``INFMAP_DATA`` fail instead of skipping
 - ``INFMAP_REQUIRE_BROWSER``  ``1`` (CI): browser tests fail instead of skipping
 - ``INFMAP_REQUIRE_SERVERS``  ``1`` (CI): tests needing a server or tool the tests use from
@@ -102,6 +105,15 @@ def samples_dir() -> Path:
 def shared_data_dir() -> Path:
     """The COVID-QU-Ex tree (``<root>/<Train|Val|Test>/<class>/{images,lung masks,...}``)."""
     return Path(_env("INFMAP_DATA") or DEFAULT_SHARED_DATA).expanduser()
+
+
+def eval_roots() -> tuple[Path, ...]:
+    """Where the Evaluation page may read folders from (resolved): a path a user types is
+    accepted only inside one of these, so the web app cannot be pointed at the whole disk."""
+    raw = _env("INFMAP_EVAL_ROOTS")
+    roots = ([Path(p) for p in raw.split(os.pathsep) if p.strip()] if raw
+             else [samples_dir(), shared_data_dir().parent])
+    return tuple(p.expanduser().resolve() for p in roots)
 
 
 def require_data() -> bool:

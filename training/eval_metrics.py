@@ -304,3 +304,51 @@ def compute_metrics(
     }
 
 
+
+
+def risk_coverage(correct: np.ndarray, order_key: np.ndarray) -> dict[str, Any]:
+    """Accuracy on the ``k`` images kept, for every ``k``, keeping the lowest ``order_key``
+    first (the most in-domain, or the most confident when negated)."""
+    order = np.argsort(order_key, kind="stable")
+    kept = np.cumsum(correct[order].astype(float))
+    n = np.arange(1, len(order) + 1)
+    return {"coverage": (n / len(order)).tolist(), "accuracy": (kept / n).tolist()}
+
+
+def curves(
+    data: SplitArrays,
+    preds: SplitPredictions,
+    has_lung_mask: np.ndarray | None = None,
+    infection_masks: bool = True,
+) -> dict[str, Any]:
+    """The data behind the figures (no I/O): one-vs-rest ROC points per class, per-image lung
+    Dice (images with a lung mask) and infection Dice (COVID-19 images, when annotated), and
+    risk-coverage curves ordered by the out-of-domain score (when there is one) and by the
+    top-class confidence."""
+    labels = np.asarray(data.labels)
+    roc: dict[str, Any] = {}
+    for c, name in enumerate(CLASS_NAMES):
+        y = labels == c
+        if 0 < y.sum() < len(y):
+            fpr, tpr, _ = roc_curve(y, preds.probs[:, c])
+            roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+        else:
+            roc[name] = None
+    with_mask = np.ones(len(labels), bool) if has_lung_mask is None else has_lung_mask
+    lung_dice = (dice_iou_per_image(preds.lungs[with_mask], data.lungs[with_mask] > 0)[0]
+                 if with_mask.any() else np.array([]))
+    covid = labels == COVID
+    inf_dice = (dice_iou_per_image(preds.infections[covid], data.infections[covid] > 0)[0]
+                if infection_masks and covid.any() else None)
+    correct = preds.predicted == labels
+    by_domain = (None if preds.ood_scores is None
+                 else risk_coverage(correct, np.asarray(preds.ood_scores, float)))
+    return {
+        "roc": roc,
+        "lung_dice": lung_dice.tolist(),
+        "infection_dice_covid": None if inf_dice is None else inf_dice.tolist(),
+        "risk_coverage": {
+            "by_ood_score": by_domain,
+            "by_confidence": risk_coverage(correct, -preds.probs.max(1)),
+        },
+    }

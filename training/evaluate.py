@@ -6,7 +6,8 @@ with the external-dev set beside it.
         --checkpoint models/infmap.pt --out runs/eval/test [--limit N] [--batch-size B]
 
 Writes ``<out>/metrics.json`` (numbers plus a ``definitions`` block saying how each is computed;
-``external_dev`` holds the external set's block), ``per_image.csv`` and the figures
+``external_dev`` holds the external set's block), ``per_image.csv``, ``curves.json`` (ROC points,
+per-image Dice, risk-coverage: the data behind the app's Evaluation page figures) and the figures
 (``confusion_matrix.png``, ``roc_curves.png``, ``reliability.png``, ``infection_dice_hist.png``)
 in ``<out>`` and in ``<out>/external-dev``.
 
@@ -17,7 +18,9 @@ decisions apply (:mod:`inference.calibration`: temperature, COVID-19 rule, mask 
 clean-up, out-of-domain flag), exactly as in ``inference.predict``.
 
 For other code (fine-tuning, benchmarks): ``predict_arrays`` returns probabilities and masks for
-an in-memory :class:`training.data.SplitArrays`; ``evaluate_arrays`` returns the metrics dict.
+an in-memory :class:`training.data.SplitArrays`; ``evaluate_arrays`` returns the metrics dict;
+``evaluate_set`` is the whole evaluation of one set (metrics, figure data, per-image rows, with
+a progress callback), shared by this CLI and the app's Evaluation page (``services.evaluation``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +47,17 @@ from training.eval_metrics import (
     PUBLISHED_ANCHORS,
     SplitPredictions,
     compute_metrics,
+    curves,
 )
 from training.external import load_external
 from training.outputs import RawOutputs, run_network
-from training.report import json_safe, summary_table, write_per_image, write_plots
+from training.report import (
+    json_safe,
+    per_image_rows,
+    summary_table,
+    write_per_image,
+    write_plots,
+)
 
 
 def decisions(
@@ -84,10 +95,13 @@ def predict_arrays(
     bf16: bool = False,
     threshold: float | None = None,
     progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> SplitPredictions:
     """Run the model on every image of ``data`` (images already at ``config.input_size``) and
-    apply its checkpoint's decisions (a bare network: plain softmax, argmax, 0.5)."""
-    raw = run_network(model, data.images, batch_size=batch_size, bf16=bf16, progress=progress)
+    apply its checkpoint's decisions (a bare network: plain softmax, argmax, 0.5).
+    ``on_batch(done, total)`` reports progress (``training.outputs.run_network``)."""
+    raw = run_network(model, data.images, batch_size=batch_size, bf16=bf16, progress=progress,
+                      on_batch=on_batch)
     calibration = model.calibration if isinstance(model, LoadedModel) else IDENTITY
     return decisions(raw, calibration, list(model.config.class_names), threshold)
 
@@ -104,6 +118,40 @@ def evaluate_arrays(
     preds = predict_arrays(model, split_arrays, batch_size=batch_size, bf16=bf16,
                            threshold=threshold)
     return compute_metrics(split_arrays, preds)
+
+
+@dataclass
+class EvalResult:
+    """One evaluated set: what ``training.evaluate`` computes, for the CLI and the app alike."""
+
+    metrics: dict[str, Any]  # compute_metrics + "curves" (figure data) + "timing"
+    preds: SplitPredictions
+    data: SplitArrays
+    per_image: list[dict[str, Any]]  # report.per_image_rows
+
+
+def evaluate_set(
+    model: LoadedModel,
+    data: SplitArrays,
+    has_lung_mask: np.ndarray | None = None,
+    infection_masks: bool = True,
+    batch_size: int = 16,
+    bf16: bool = False,
+    threshold: float | None = None,
+    progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """The one evaluation path: predict with the checkpoint's decisions, then every metric,
+    the figures' data (``eval_metrics.curves``) and the per-image rows."""
+    t0 = time.perf_counter()
+    preds = predict_arrays(model, data, batch_size=batch_size, bf16=bf16, threshold=threshold,
+                           progress=progress, on_batch=on_batch)
+    seconds = time.perf_counter() - t0
+    metrics = compute_metrics(data, preds, has_lung_mask, infection_masks)
+    metrics["curves"] = curves(data, preds, has_lung_mask, infection_masks)
+    metrics["timing"] = {"inference_seconds": round(seconds, 2),
+                         "ms_per_image": round(1000 * seconds / max(len(data), 1), 2)}
+    return EvalResult(metrics, preds, data, per_image_rows(data, preds))
 
 
 # ----------------------------------------------------------------------------- data
@@ -168,16 +216,16 @@ def _evaluate_one(
     loaded: LoadedModel, data: SplitArrays, args: argparse.Namespace, out: Path, title: str,
     has_lung_mask: np.ndarray | None = None, infection_masks: bool = True,
 ) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    preds = predict_arrays(loaded, data, batch_size=args.batch_size, bf16=args.bf16,
-                           threshold=args.threshold, progress=True)
-    seconds = time.perf_counter() - t0
-    metrics = compute_metrics(data, preds, has_lung_mask, infection_masks)
+    result = evaluate_set(loaded, data, has_lung_mask, infection_masks,
+                          batch_size=args.batch_size, bf16=args.bf16, threshold=args.threshold,
+                          progress=True)
+    metrics = result.metrics
     out.mkdir(parents=True, exist_ok=True)
-    write_per_image(out / "per_image.csv", data, preds)
-    metrics["figures"] = [] if args.no_plots else write_plots(out, data, preds, metrics, title)
-    metrics["timing"] = {"inference_seconds": round(seconds, 2),
-                         "ms_per_image": round(1000 * seconds / max(len(data), 1), 2)}
+    write_per_image(out / "per_image.csv", result.per_image)
+    (out / "curves.json").write_text(json.dumps(json_safe(metrics.pop("curves")),
+                                                allow_nan=False))
+    metrics["figures"] = [] if args.no_plots else write_plots(out, data, result.preds, metrics,
+                                                              title)
     return metrics
 
 

@@ -29,7 +29,7 @@ class ExternalSet:
     patients: list[str]
 
 
-def _letterbox_u8(image: np.ndarray, size: int) -> np.ndarray:
+def letterbox_u8(image: np.ndarray, size: int) -> np.ndarray:
     """The app's letterbox (``Letterbox.apply``), back to uint8 for ``SplitArrays``."""
     box = Letterbox.fit(image.shape[0], image.shape[1], size)
     return np.clip(np.rint(box.apply(image)), 0, 255).astype(np.uint8)
@@ -47,7 +47,7 @@ def load_external(root: str | Path, size: int = 256, limit: int = 0) -> External
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if img is None:
             raise ValueError(f"cannot read {path}")
-        images.append(_letterbox_u8(img, size))
+        images.append(letterbox_u8(img, size))
         mask = np.zeros((size, size), np.uint8)
         with_mask = row.get("has_lung_mask", "").strip().lower() in {"1", "true", "yes"}
         if with_mask:
@@ -56,7 +56,7 @@ def load_external(root: str | Path, size: int = 256, limit: int = 0) -> External
             if m is None:
                 with_mask = False
             else:
-                mask = (_letterbox_u8(m, size) > 127).astype(np.uint8)
+                mask = (letterbox_u8(m, size) > 127).astype(np.uint8)
         lungs.append(mask)
         has.append(with_mask)
         labels.append(CLASS_NAMES.index(LABELS[row["label"]]))

@@ -7,6 +7,7 @@ same way for a split as for one image in ``inference.predict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,13 @@ def run_network(
     bf16: bool = False,
     keep_maps: bool = True,
     progress: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> RawOutputs:
     """Forward every uint8 (N, S, S) image (already at the network's input size) once.
 
     The model is put in eval mode for the call and given back in the mode it came in.
+    ``progress``: a tqdm bar on the terminal; ``on_batch(done, total)``: called after each
+    batch with the number of images done (the app's progress bar).
     """
     net, config = unwrap(model)
     size = config.input_size
@@ -83,6 +87,8 @@ def run_network(
                     cams.append(np.stack([
                         cam_from_features(head[i], weight, c) for i, c in enumerate(top)
                     ]).astype(np.float16))
+                if on_batch is not None:
+                    on_batch(min(start + batch_size, n), n)
     finally:
         net.train(was_training)
     return RawOutputs(

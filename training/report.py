@@ -119,21 +119,41 @@ def write_plots(
     return written
 
 
-def write_per_image(path: Path, data: SplitArrays, preds: SplitPredictions) -> None:
+def per_image_rows(data: SplitArrays, preds: SplitPredictions) -> list[dict[str, Any]]:
+    """One row per image: truth, decision, probabilities, Dice, infection %, domain."""
     labels = np.asarray(data.labels)
     gl, gi = data.lungs > 0, data.infections > 0
     ld = dice_iou_per_image(preds.lungs, gl)[0]
     idice = dice_iou_per_image(preds.infections, gi)[0]
     lung_px = preds.lungs.reshape(len(data), -1).sum(1)
     inf_px = preds.infections.reshape(len(data), -1).sum(1)
+    rows = []
+    for i in range(len(data)):
+        rows.append({
+            "name": data.names[i],
+            "true": CLASS_NAMES[labels[i]],
+            "predicted": CLASS_NAMES[preds.predicted[i]],
+            **{f"p_{n}": round(float(p), 5) for n, p in zip(CLASS_NAMES, preds.probs[i],
+                                                            strict=True)},
+            "lung_dice": round(float(ld[i]), 5),
+            "infection_dice": round(float(idice[i]), 5),
+            "predicted_infection_percent": round(100 * float(inf_px[i]) / max(int(lung_px[i]),
+                                                                            1), 3),
+            "ood_score": (None if preds.ood_scores is None
+                          else round(float(preds.ood_scores[i]), 4)),
+            "in_domain": None if preds.in_domain is None else bool(preds.in_domain[i]),
+        })
+    return rows
+
+
+def write_per_image(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``per_image_rows`` as CSV (empty cells where a value does not exist)."""
     with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["name", "true", "predicted", *[f"p_{n}" for n in CLASS_NAMES],
-                    "lung_dice", "infection_dice", "predicted_infection_percent"])
-        for i in range(len(data)):
-            w.writerow([data.names[i], CLASS_NAMES[labels[i]], CLASS_NAMES[preds.predicted[i]],
-                        *[f"{p:.5f}" for p in preds.probs[i]], f"{ld[i]:.5f}", f"{idice[i]:.5f}",
-                        f"{100 * inf_px[i] / max(int(lung_px[i]), 1):.3f}"])
+        if not rows:
+            return
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
 
 
 def json_safe(x: Any) -> Any:
