@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from database.masks import mask_to_png, png_to_mask
 from database.models import MASK_KINDS, AnnotationVersion, User
 from database.versioning import (
+    check_base,
     check_head,
     check_prediction,
     check_status,
@@ -32,7 +33,6 @@ from database.versioning import (
     lock_image,
     mark_submitted,
     require_radiologist,
-    stale,
 )
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,7 @@ def save_annotation(
     _check_kind(kind)
     check_status(status, author, "mask")
     _check_save(session, image_id, kind, mask, base_version_id, prediction_id)
-    head = head_version(session, image_id, kind)
-    if (head.id if head is not None else None) != base_version_id:
-        assert head is not None  # a valid base implies a head exists
-        log.info("refused stale save on image %s %s", image_id, kind)
-        raise stale(image_id, kind, base_version_id, head)
+    check_base(image_id, kind, head_version(session, image_id, kind), base_version_id)
     return _append(
         session, image_id, kind, mask_to_png(mask), author, status, base_version_id,
         prediction_id, comment,

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from database.models import REVIEW_STATUSES, ReadingVersion, User
 from database.versioning import (
+    check_base,
     check_head,
     check_prediction,
     check_status,
@@ -31,7 +32,6 @@ from database.versioning import (
     lock_image,
     mark_submitted,
     require_radiologist,
-    stale,
 )
 from settings import READING_LABELS
 
@@ -97,11 +97,7 @@ def save_reading(
     label, finding = _clean(label, finding)
     check_status(status, author, "reading")
     _check_refs(session, image_id, base_version_id, prediction_id)
-    head = head_reading(session, image_id)
-    if (head.id if head is not None else None) != base_version_id:
-        assert head is not None  # a valid base implies a head exists
-        log.info("refused stale reading save on image %s", image_id)
-        raise stale(image_id, KIND, base_version_id, head)
+    check_base(image_id, KIND, head_reading(session, image_id), base_version_id)
     return _append(
         session, image_id=image_id, label=label, finding=finding, author_id=author.id,
         status=status, parent_id=base_version_id, prediction_id=prediction_id, conflict=False,

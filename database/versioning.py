@@ -8,6 +8,7 @@ Every function takes a Session; the caller owns the transaction.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TypeVar
@@ -24,6 +25,8 @@ from database.models import (
     ReadingVersion,
     User,
 )
+
+log = logging.getLogger(__name__)
 
 Version = AnnotationVersion | ReadingVersion
 V = TypeVar("V", AnnotationVersion, ReadingVersion)
@@ -103,6 +106,17 @@ def stale(
         head_created=head.created,
         conflict_version_id=None,
     )
+
+
+def check_base(
+    image_id: int, kind: str, head: Version | None, base_version_id: int | None
+) -> None:
+    """A save made on ``base_version_id`` goes ahead only while that is the head (None: while
+    there is none); otherwise the refusal, having written nothing."""
+    if (head.id if head is not None else None) != base_version_id:
+        assert head is not None  # a valid base implies a head exists
+        log.info("refused stale save on image %s (%s)", image_id, kind)
+        raise stale(image_id, kind, base_version_id, head)
 
 
 def lock_image(session: Session, image_id: int) -> Image:

@@ -14,9 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from database import reading_versions, versioning
-from database.models import User
 from services.ingest import SessionFactory
-from services.studies import STATUS_LABELS, SaveOutcome
+from services.studies import STATUS_LABELS, SaveOutcome, save_version, signed_in_user
 from settings import READING_CLASSES, READING_LABELS
 
 # How each label reads on screen (the stored value is the key).
@@ -104,13 +103,6 @@ def worklist_columns(
     return {"reading": f"{reading.label_text}{status}", "agreement": mark}
 
 
-def _user(session: Any, user_id: int) -> User:
-    user = session.get(User, user_id)
-    if user is None:
-        raise LookupError("the signed-in user no longer exists; sign in again")
-    return user
-
-
 def save_reading(
     scope: SessionFactory,
     image_id: int,
@@ -128,27 +120,22 @@ def save_reading(
     comment = (comment or "").strip() or None
     if status == "returned" and not comment:
         return SaveOutcome(False, None, "Say what needs changing: a comment is required.")
-    try:
-        with scope() as session:
-            version = reading_versions.save_reading(
-                session, image_id, label, finding, _user(session, user_id), status,
-                base_version_id, comment=comment, prediction_id=prediction_id,
-            )
-            new_id = int(version.id)
-    except versioning.StaleVersionError as refused:
-        with scope() as session:
-            draft = reading_versions.save_conflict_reading_draft(
-                session, image_id, label, finding, _user(session, user_id), base_version_id,
-                comment=comment, prediction_id=prediction_id,
-            )
-            kept = refused.kept_as(int(draft.id))
-        return SaveOutcome(False, kept.conflict_version_id, str(kept))
-    except (versioning.RoleError, ValueError, LookupError) as exc:
-        return SaveOutcome(False, None, str(exc))
     word = {"draft": "Reading saved as a draft", "submitted": "Reading submitted for review"}.get(
         status, f"Reading saved as {STATUS_LABELS.get(status, status)}"
     )
-    return SaveOutcome(True, new_id, f"{word}: version {new_id}.")
+    return save_version(
+        scope,
+        user_id,
+        lambda session, user: reading_versions.save_reading(
+            session, image_id, label, finding, user, status, base_version_id, comment=comment,
+            prediction_id=prediction_id,
+        ),
+        lambda session, user: reading_versions.save_conflict_reading_draft(
+            session, image_id, label, finding, user, base_version_id, comment=comment,
+            prediction_id=prediction_id,
+        ),
+        lambda new_id: f"{word}: version {new_id}.",
+    )
 
 
 def change_reading_status(
@@ -168,7 +155,8 @@ def change_reading_status(
                 return SaveOutcome(False, None, "Say what needs changing: a comment is required.")
             with scope() as session:
                 version = reading_versions.review_reading(
-                    session, image_id, _user(session, user_id), status, base_version_id, comment
+                    session, image_id, signed_in_user(session, user_id), status, base_version_id,
+                    comment,
                 )
                 done = int(version.id)
             word = "Reading approved" if status == "approved" else "Reading sent back"
@@ -189,7 +177,7 @@ def change_reading_status(
                                 base_version_id, comment)
         with scope() as session:
             version = reading_versions.submit_reading_draft(
-                session, image_id, _user(session, user_id), base_version_id
+                session, image_id, signed_in_user(session, user_id), base_version_id
             )
             done = int(version.id)
         return SaveOutcome(True, done, f"Reading submitted for review: version {done}.")

@@ -10,7 +10,7 @@ pages change once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -350,11 +350,34 @@ def version_table(
 
 
 # ----------------------------------------------------------------------------- saving
-def _user(session: Any, user_id: int) -> User:
+def signed_in_user(session: Any, user_id: int) -> User:
     user = session.get(User, user_id)
     if user is None:
         raise LookupError("the signed-in user no longer exists; sign in again")
     return user
+
+
+def save_version(
+    scope: SessionFactory,
+    user_id: int,
+    save: Callable[[Any, User], Any],
+    keep_draft: Callable[[Any, User], Any],
+    done: Callable[[int], str],
+) -> SaveOutcome:
+    """``save(session, user)`` in a transaction. A stale base is refused: the content is then
+    kept by ``keep_draft(session, user)`` as the author's conflict draft (a transaction of its
+    own, after the refused one rolled back) and the outcome's message names it. Other refusals
+    (role, bad value, gone) are the message; ``done(version_id)`` words a success."""
+    try:
+        with scope() as session:
+            new_id = int(save(session, signed_in_user(session, user_id)).id)
+    except versioning.StaleVersionError as refused:
+        with scope() as session:
+            kept = refused.kept_as(int(keep_draft(session, signed_in_user(session, user_id)).id))
+        return SaveOutcome(False, kept.conflict_version_id, str(kept))
+    except (versioning.RoleError, ValueError, LookupError) as exc:
+        return SaveOutcome(False, None, str(exc))
+    return SaveOutcome(True, new_id, done(new_id))
 
 
 def save_mask(
@@ -373,40 +396,22 @@ def save_mask(
     back) and the outcome carries the message naming it."""
     comment = (comment or "").strip() or None
     mask = np.asarray(mask, bool)
-    try:
-        with scope() as session:
-            version = annotation_versions.save_annotation(
-                session,
-                image_id,
-                kind,
-                mask,
-                _user(session, user_id),
-                status,
-                base_version_id,
-                comment=comment,
-                prediction_id=prediction_id,
-            )
-            new_id = int(version.id)
-    except versioning.StaleVersionError as refused:
-        with scope() as session:
-            draft = annotation_versions.save_conflict_draft(
-                session,
-                image_id,
-                kind,
-                mask,
-                _user(session, user_id),
-                base_version_id,
-                comment=comment,
-                prediction_id=prediction_id,
-            )
-            kept = refused.kept_as(int(draft.id))
-        return SaveOutcome(False, kept.conflict_version_id, str(kept))
-    except (versioning.RoleError, ValueError, LookupError) as exc:
-        return SaveOutcome(False, None, str(exc))
     word = {"draft": "Draft saved", "submitted": "Submitted for review"}.get(
         status, f"Saved as {STATUS_LABELS.get(status, status)}"
     )
-    return SaveOutcome(True, new_id, f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.")
+    return save_version(
+        scope,
+        user_id,
+        lambda session, user: annotation_versions.save_annotation(
+            session, image_id, kind, mask, user, status, base_version_id, comment=comment,
+            prediction_id=prediction_id,
+        ),
+        lambda session, user: annotation_versions.save_conflict_draft(
+            session, image_id, kind, mask, user, base_version_id, comment=comment,
+            prediction_id=prediction_id,
+        ),
+        lambda new_id: f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.",
+    )
 
 
 def review_head(
@@ -430,7 +435,9 @@ def review_head(
         raise ValueError(f"unknown review action {action!r}")
     try:
         with scope() as session:
-            version = fn(session, image_id, kind, _user(session, user_id), base_version_id, comment)
+            version = fn(
+                session, image_id, kind, signed_in_user(session, user_id), base_version_id, comment
+            )
             new_id = int(version.id)
     except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
@@ -475,7 +482,7 @@ def change_status(
     try:
         with scope() as session:
             version = annotation_versions.submit_draft(
-                session, image_id, kind, _user(session, user_id), base_version_id
+                session, image_id, kind, signed_in_user(session, user_id), base_version_id
             )
             done = int(version.id)
     except versioning.StaleVersionError as exc:
