@@ -30,8 +30,8 @@ import cv2
 import numpy as np
 
 from inference.model import CLASS_NAMES
+from inference.preprocess import Letterbox
 from training.data import SPLITS, SplitArrays, list_samples, read_gray
-from training.external import LABELS, letterbox_u8
 
 MAX_IMAGES = 5000  # an evaluation holds its images in memory: ~65 kB each at 256x256
 MAX_FILE_BYTES = 64 * 1024 * 1024  # one image file; larger ones are refused, not decoded
@@ -40,6 +40,13 @@ MASK_SUFFIXES = ("_lung", "_infection")
 FOLDER_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what the folder reader decodes (OpenCV)
 
 ItemProgress = Callable[[int, int], None]  # (items done, items in total)
+LABELS = {"COVID-19": "COVID-19", "Non-COVID": "Non-COVID", "Normal": "Normal"}  # labels.csv
+
+
+def letterbox_u8(image: np.ndarray, size: int) -> np.ndarray:
+    """The app's letterbox (``Letterbox.apply``), back to uint8 for ``SplitArrays``."""
+    box = Letterbox.fit(image.shape[0], image.shape[1], size)
+    return np.clip(np.rint(box.apply(image)), 0, 255).astype(np.uint8)
 
 
 class EvalSourceError(ValueError):
@@ -57,6 +64,7 @@ class EvalSet:
     image_ids: list[int | None] = field(default_factory=list)  # per image, its study (database)
     notes: list[str] = field(default_factory=list)
     total_available: int = 0  # images in the source before the limit
+    patients: list[str] = field(default_factory=list)  # labels.csv's patient column, if any
 
 
 def spread(n: int, limit: int) -> np.ndarray:
@@ -106,7 +114,7 @@ def _read(path: Path, size: int) -> np.ndarray:
 
 def _stack(
     items: Sequence[tuple[Path, int, Path | None, Path | None]], size: int,
-    progress: ItemProgress | None,
+    progress: ItemProgress | None, names: list[str] | None = None,
 ) -> tuple[SplitArrays, np.ndarray]:
     """(image, label, lung mask or None, infection mask or None) per item -> arrays."""
     n = len(items)
@@ -123,7 +131,8 @@ def _stack(
         if progress is not None:
             progress(i + 1, n)
     labels = np.array([label for _, label, _, _ in items], np.int64)
-    return SplitArrays(images, lungs, infs, labels, [p.name for p, *_ in items]), has
+    names = names if names is not None else [p.name for p, *_ in items]
+    return SplitArrays(images, lungs, infs, labels, names), has
 
 
 def _covid_qu_ex(root: Path, split: str, size: int, limit: int,
@@ -150,7 +159,12 @@ def _covid_qu_ex(root: Path, split: str, size: int, limit: int,
                    total_available=len(samples))
 
 
-def _labels_csv(root: Path, size: int, limit: int, progress: ItemProgress | None) -> EvalSet:
+def load_labels_csv(
+    root: Path, size: int, limit: int = 0, progress: ItemProgress | None = None
+) -> EvalSet:
+    """The ``labels-csv`` layout (``training.external`` reads external-dev through it). A
+    ``has_lung_mask`` column, where present, says which images have a lung mask; otherwise a
+    mask file's presence does. Names are the ``file`` column (sub-folders included)."""
     with open(root / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"file", "label"} <= set(rows[0]):
@@ -169,15 +183,18 @@ def _labels_csv(root: Path, size: int, limit: int, progress: ItemProgress | None
         stem = Path(row["file"]).with_suffix(".png")
         lung = root / "lung_masks" / stem
         inf = infection_dir / stem
+        flagged = row.get("has_lung_mask")
+        wanted = flagged is None or flagged.strip().lower() in {"1", "true", "yes"}
         items.append((image, CLASS_NAMES.index(LABELS[row["label"]]),
-                      lung if lung.is_file() else None, inf if inf.is_file() else None))
-    arrays, has = _stack(items, size, progress)
+                      lung if wanted and lung.is_file() else None,
+                      inf if inf.is_file() else None))
+    arrays, has = _stack(items, size, progress, names=[rows[i]["file"] for i in idx])
     with_inf = infection_dir.is_dir()
     if not with_inf:
         notes.append("No infection_masks/ folder: infection Dice is not reported.")
     return EvalSet(arrays, root.name, "labels-csv", has, with_inf,
                    files=[it[0] for it in items], image_ids=[None] * len(items), notes=notes,
-                   total_available=len(rows))
+                   total_available=len(rows), patients=[rows[i].get("patient", "") for i in idx])
 
 
 def _class_folders(root: Path, size: int, limit: int,
@@ -218,7 +235,7 @@ def load_folder(
     if layout == "covid-qu-ex":
         return _covid_qu_ex(root, split, size, limit, progress)
     if layout == "labels-csv":
-        return _labels_csv(root, size, limit, progress)
+        return load_labels_csv(root, size, limit, progress)
     return _class_folders(root, size, limit, progress)
 
 
