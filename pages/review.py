@@ -25,6 +25,8 @@ PLOTLY_CONFIG = {
     "modeBarButtonsToRemove": ["select2d", "lasso2d", "toImage"],
 }
 MANUAL = "Manual"
+# The de-identified UID stand-ins are for DICOM SEG references, not for reading.
+HIDDEN_FIELDS = {"study_uid", "series_uid", "sop_instance_uid", "sop_class_uid"}
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -160,7 +162,8 @@ def facts(
     with right:
         st.subheader("Study")
         st.markdown(f"Model version: **{model_version}**  \nStudy: #{info.image_id}")
-        summary = {k: v for k, v in info.metadata.items() if v not in (None, "", [])}
+        summary = {k: v for k, v in info.metadata.items()
+                   if v not in (None, "", []) and k not in HIDDEN_FIELDS}
         summary.setdefault("rows", info.height)
         summary.setdefault("columns", info.width)
         st.dataframe(

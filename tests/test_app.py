@@ -65,6 +65,23 @@ def test_review_page_prepares_a_dicom_seg_of_the_masks_shown(app_env: str) -> No
     assert len(downloads) == 1
 
 
+def test_review_header_leaves_out_the_uid_stand_ins(app_env: str) -> None:
+    from dicom_samples import pydicom_data_file
+
+    rg1 = pydicom_data_file("RG1_UNCR.dcm").read_bytes()
+    added = ingest.ingest_file(scope_for(app_env), rg1, "rg1.dcm", [])
+    assert added.ok
+    at = run_app()
+    at.switch_page("pages/review.py")
+    at.session_state["infmap.study_id"] = added.image_id
+    at.run()
+    assert not at.exception, at.exception
+    (header,) = [d.value for d in at.dataframe if "Field" in d.value.columns]
+    fields = set(header["Field"])
+    assert {"Modality", "Patient hash"} <= fields
+    assert not fields & {"Study uid", "Series uid", "Sop instance uid", "Sop class uid"}
+
+
 def test_review_page_prepares_the_study_report(app_env: str) -> None:
     at = run_app("pages/review.py")
     at.button(key="review.report").click().run()
