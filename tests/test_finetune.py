@@ -8,6 +8,7 @@ few steps at 128 px on one thread with a tiny replay sample from the miniature T
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -210,6 +211,38 @@ def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> N
     assert Path(ok.checkpoint).is_file() and ok.model_version_id not in before
     assert not ok.activated and ok.decision == "refused by the test gate"
     assert ok.metrics["decision"]["rule"] == RefuseGate.rule
+
+
+def test_finetune_under_torchrun_in_two_processes(tmp_path: Path) -> None:
+    """Two processes (torchrun, DDP over gloo): rank 0 reads the database and hands the other
+    its plan; both train on half of each batch (training fails if their weights differ);
+    rank 0 alone registers one version with its lineage and finishes the run."""
+    world = _build_world(tmp_path, f"sqlite:///{tmp_path / 'db' / 'infmap.sqlite'}")
+    out = tmp_path / "models" / "ddp.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.finetune", "--db", world["url"], "--out", str(out),
+           "--data", str(world["data"]), "--steps", "3", "--batch-size", "4",
+           "--replay-limit", "8", "--val-size", "4", "--threads", "1", "--no-progress",
+           "--cache-dir", ""]
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed = json.loads(done.stdout[done.stdout.index("{"):])  # rank 0's summary only
+        with session_scope(world["engine"], write=False) as s:
+            listed = model_versions.list_model_versions(s)
+            assert [v.version for v in listed] == [printed["version"], "base"]
+            row = listed[0]
+            assert row.checkpoint_path == str(out) and out.is_file()
+            assert row.lineage["training"]["steps"] == 3
+            assert sorted(row.lineage["annotation_version_ids"]
+                          + row.lineage["held_aside_annotation_version_ids"]) == \
+                world["annotation_ids"]
+            (run,) = runs.list_runs(s)
+            assert run.status == "succeeded" and run.model_version_id == row.id
+    finally:
+        world["engine"].dispose()
 
 
 def _spawn(world: dict, name: str, run_id: int) -> subprocess.Popen:

@@ -2,13 +2,17 @@
 
 The training/resume test runs ``training.train.main`` on a miniature COVID-QU-Ex tree in the
 dataset's own folder layout built from the bundled samples (real Test images and masks), so the
-real reader, cache, checkpoint and resume code run without the shared data set.
+real reader, cache, checkpoint and resume code run without the shared data set; so does the
+2-process torchrun test.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ import torch
 from covid_qu_ex import build_mini_tree, shared_data
 
 from inference.model import CLASS_NAMES, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from training import distributed
 from training.augment import augment
 from training.data import SUBSET, list_samples, load_split
 from training.loop import cpu_has_native_bf16, normalise
@@ -175,6 +180,33 @@ def test_train_main_checkpoint_and_resume(
     state = torch.load(work / "last.pt", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (2, 6)
     assert load_checkpoint(out).meta["training"]["epoch"] in (1, 2)
+
+
+def test_train_under_torchrun_in_two_processes(mini_root: Path, tmp_path: Path) -> None:
+    """Two processes (torchrun, DDP over gloo on CPU) each take half of every batch; training
+    fails if their weights ever differ (``distributed.check_in_sync``); rank 0 alone writes."""
+    out, work = tmp_path / "best.pt", tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "training.train", "--data", str(mini_root), "--out", str(out),
+           "--work-dir", str(work), "--cache-dir", str(tmp_path / "cache"), "--limit", "16",
+           "--batch-size", "4", "--max-steps", "3", "--epochs", "1", "--threads", "1",
+           "--version", "0.0.1-ddp"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "in 2 process(es)" in done.stdout
+    assert done.stdout.count('"epoch": 1') == 1  # one validation: rank 0's
+    loaded = load_checkpoint(out)
+    assert loaded.meta["training"]["processes"] == 2
+    assert loaded.meta["training"]["batch_size"] == 4  # the global batch, 2 per process
+    state = torch.load(work / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "cache", "work"]
+
+    with pytest.raises(SystemExit, match="divide evenly"):
+        distributed.check_batch(5, distributed.Dist(rank=0, world_size=2))
+    shares = [distributed.shard(np.arange(6), distributed.Dist(r, 2)) for r in (0, 1)]
+    assert [s.tolist() for s in shares] == [[0, 2, 4], [1, 3, 5]]
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -47,6 +47,13 @@ What it does, in order (progress goes to tqdm and to the ``finetune_runs`` row):
    no more than ``--tolerance`` on Val (lung and infection Dice; accuracy too when the run
    learned readings); otherwise it is registered inactive and a user may activate it by hand.
 
+Under ``torchrun`` (``training.distributed``: DDP over gloo on CPU) rank 0 does all of the above
+and hands the others its plan (the base's architecture, the training corrections as arrays, the
+replay source); every process trains on its share of each ``--batch-size`` batch, DDP gives them
+rank 0's base weights and averages the gradients. Only rank 0 touches the database and writes::
+
+    torchrun --standalone --nproc-per-node 2 -m training.finetune --db URL --out new.pt
+
 Interruption: SIGTERM/SIGINT or any exception marks the run ``interrupted``/``failed``, removes
 this run's checkpoint if it was not registered, and registers nothing. Resuming is re-running:
 a run takes minutes and is deterministic for the same database contents and seed, so no
@@ -83,10 +90,13 @@ from inference.model import (
     CLASS_NAMES,
     InfMapNet,
     LoadedModel,
+    ModelConfig,
+    build_model,
     file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
+from training import distributed
 from training.corrections import (
     Correction,
     as_split,
@@ -117,6 +127,7 @@ __all__ = [  # the public API (callers import these from here)
     "FinetuneResult",
     "Interrupted",
     "finetune",
+    "follow",
     "main",
     "parse_args",
 ]
@@ -177,8 +188,9 @@ def finetune(
     ``ForgettingGate(opts.tolerance)``). Raises ``FinetuneError`` for a run that cannot proceed
     (the run row says why), ``Interrupted`` on SIGTERM/SIGINT."""
     rule: ActivationGate = gate if gate is not None else ForgettingGate(opts.tolerance)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    d = _join(opts)
+    if not d.is_main:
+        raise FinetuneError("under torchrun only rank 0 runs finetune(); the others follow()")
     own_engine = engine is None
     engine = engine if engine is not None else init_db(opts.db)
     state: dict[str, Any] = {"registered": False, "checkpoint_written": None}
@@ -188,6 +200,8 @@ def finetune(
         with signals_raise():
             return _finetune(opts, engine, run_id, state, rule)
     except BaseException as exc:
+        if d.enabled and not state.get("plan_shared"):
+            distributed.broadcast_object(None, d)  # the followers stop instead of waiting
         with signals_blocked():
             if not state["registered"]:
                 written = state["checkpoint_written"]
@@ -243,25 +257,30 @@ def _round_to_half(model: torch.nn.Module) -> None:
 
 
 def _train(
-    base: LoadedModel,
+    model: InfMapNet,
+    config: ModelConfig,
     corr_arrays: SplitArrays,
     corr_has_masks: list[bool],
     replay: SplitArrays | None,
     opts: FinetuneOptions,
     progress: Progress,
+    d: distributed.Dist,
 ) -> tuple[InfMapNet, int, float]:
     """The training loop on the base's network: corrections mixed with replayed Train images.
     A correction without masks (a reading only) trains the class head only.
-    Returns (model in eval mode with float16-rounded weights, replayed per batch, seconds)."""
-    model, config = base.model, base.config
+    Returns (model in eval mode with float16-rounded weights, replayed per batch, seconds).
+    Under torchrun each process takes its share of every batch (same seeds, same batches)."""
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    distributed.check_same("the training set (corrections, replay images)",
+                           (len(corr_arrays), len(replay) if replay is not None else -1), d)
+    trained = distributed.wrap(model, d)  # DDP starts every process from rank 0's weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     loss_fn = MultiTaskLoss()
     torch.manual_seed(opts.seed)  # dropout in the class head uses the global generator
-    gen = torch.Generator().manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
+    gen = torch.Generator().manual_seed(opts.seed + d.rank)  # augmentation draws per process
+    rng = np.random.default_rng(opts.seed)  # the batches: the same in every process
     n_replay = min(opts.batch_size - 1, round(opts.batch_size * opts.replay_ratio)) \
         if replay is not None else 0
     corr_batches = _batches(len(corr_arrays), opts.batch_size - n_replay, rng)
@@ -273,15 +292,16 @@ def _train(
     t_train = time.monotonic()
     bar = progress.bar(opts.steps, "fine-tune")
     for step in range(opts.steps):
-        idx = next(corr_batches)
+        idx = distributed.shard(next(corr_batches), d)
         img, masks, labels = to_tensors(corr_arrays, idx)
         known = has_masks[idx]
         if replay is not None and replay_batches is not None:
-            r_img, r_masks, r_labels = to_tensors(replay, next(replay_batches))
+            r_img, r_masks, r_labels = to_tensors(
+                replay, distributed.shard(next(replay_batches), d))
             img, masks = torch.cat([img, r_img]), torch.cat([masks, r_masks])
             labels = torch.cat([labels, r_labels])
             known = torch.cat([known, torch.ones(len(r_labels), dtype=torch.bool)])
-        parts = train_step(model, optimizer, loss_fn, img, masks, labels, gen, config,
+        parts = train_step(trained, optimizer, loss_fn, img, masks, labels, gen, config,
                            lr_at(step, opts.steps, opts.lr, warmup), opts.bf16,
                            opts.channels_last, mask_known=known)
         for k, v in parts.items():
@@ -294,6 +314,7 @@ def _train(
         if opts.fail_after_step and step + 1 >= opts.fail_after_step:
             raise RuntimeError(f"injected failure after step {step + 1} (test)")
     bar.close()
+    distributed.check_in_sync(model, d)
     train_seconds = time.monotonic() - t_train
     model = model.to(memory_format=torch.contiguous_format).eval()
     _round_to_half(model)
@@ -323,9 +344,15 @@ def _finetune(
                             "readings) to learn from")
     filled = fill_missing_kinds(corrections, base)
     train_set, held = split_holdout(corrections, opts.holdout, opts.seed)
+    train_arrays = as_split(train_set)
 
     default_data = settings.shared_data_dir()
     data_root = opts.data or (str(default_data) if default_data.is_dir() else None)
+    d = distributed.init()
+    distributed.broadcast_object({"config": asdict(base.config), "corrections": train_arrays,
+                                  "has_masks": [c.has_masks for c in train_set],
+                                  "data": data_root}, d)  # the followers' plan
+    state["plan_shared"] = True
     use_replay = bool(data_root) and opts.replay_ratio > 0
     opts_data = FinetuneOptions(**{**asdict(opts), "data": data_root})
     progress.update(0.03, "loading COVID-QU-Ex replay and Val images", force=True)
@@ -337,9 +364,9 @@ def _finetune(
                   "readings": sum(c.label != NO_LABEL for c in train_set)}
     base_metrics = {**evaluate(base, held, val), "trained_on": trained_on}
 
-    model, n_replay, train_seconds = _train(base, as_split(train_set),
+    model, n_replay, train_seconds = _train(base.model, base.config, train_arrays,
                                             [c.has_masks for c in train_set], replay, opts,
-                                            progress)
+                                            progress, d)
 
     progress.update(0.87, "evaluating the fine-tuned model", force=True)
     # The base's Val-fitted decisions (temperature, thresholds, out-of-domain reference) carry
@@ -507,8 +534,44 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     )
 
 
+def _join(opts: FinetuneOptions) -> distributed.Dist:
+    """Join torchrun's process group (alone: nothing) and take this process's threads."""
+    d = distributed.init()
+    distributed.check_batch(opts.batch_size, d)
+    if opts.threads or d.enabled:
+        torch.set_num_threads(opts.threads or distributed.default_threads(d))
+    return d
+
+
+def follow(opts: FinetuneOptions) -> None:
+    """A torchrun process other than rank 0: train rank 0's plan on its share of each batch.
+    Needs no database; the replay images are read here from the same data root."""
+    d = _join(opts)
+    plan = distributed.broadcast_object(None, d)
+    if plan is None:  # rank 0 stopped before training; its run row says why
+        return
+    assert isinstance(plan, dict)
+    config = ModelConfig(**plan["config"])
+    opts_data = FinetuneOptions(**{**asdict(opts), "data": plan["data"]})
+    replay = (load_replay(opts_data, config.input_size)
+              if plan["data"] and opts.replay_ratio > 0 else None)
+    _train(build_model(config), config, plan["corrections"], plan["has_masks"], replay, opts,
+           Progress(None, None, False), d)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    d = distributed.init()
+    try:
+        if not d.is_main:
+            follow(opts)
+            return 0
+        return _main(opts)
+    finally:
+        distributed.finish(d)
+
+
+def _main(opts: FinetuneOptions) -> int:
     try:
         result = finetune(opts)
     except FinetuneError as exc:

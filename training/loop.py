@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from inference.model import InfMapNet, ModelConfig
+from inference.model import ModelConfig
 from training.augment import augment
 
 AugmentFn = Callable[
@@ -45,7 +45,7 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def train_step(
-    model: InfMapNet,
+    model: torch.nn.Module,  # an InfMapNet, or DistributedDataParallel around one
     optimizer: torch.optim.Optimizer,
     loss_fn: torch.nn.Module,
     img: torch.Tensor,

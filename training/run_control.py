@@ -64,15 +64,20 @@ def signals_blocked() -> Iterator[None]:
 
 
 class Progress:
-    """tqdm on the terminal plus throttled writes of (fraction, message) to the run row."""
+    """tqdm on the terminal plus throttled writes of (fraction, message) to the run row.
+    ``engine=None``: the terminal only (a torchrun process other than rank 0)."""
 
-    def __init__(self, engine: Any, run_id: int, show: bool, min_interval: float = 1.0) -> None:
+    def __init__(
+        self, engine: Any, run_id: int | None, show: bool, min_interval: float = 1.0
+    ) -> None:
         self.engine, self.run_id, self.show = engine, run_id, show
         self.min_interval = min_interval
         self._last = 0.0
 
     def update(self, fraction: float, message: str, force: bool = False) -> None:
         now = time.monotonic()
+        if self.engine is None or self.run_id is None:
+            return
         if not force and now - self._last < self.min_interval:
             return
         self._last = now

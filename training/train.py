@@ -5,6 +5,11 @@
 Resumable: the full training state goes to ``--work-dir/last.pt`` every few minutes and at every
 epoch end; running the same command again continues where it stopped. The best-on-Val model is
 written to ``--out`` (float16 weights, metadata with Val metrics).
+
+In several processes, on one machine or several (``training.distributed``: DDP over gloo; the
+global ``--batch-size`` is split among them; rank 0 validates and writes)::
+
+    torchrun --standalone --nproc-per-node 2 -m training.train --data ... --out ...
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from inference.model import (
     load_checkpoint,
     save_checkpoint,
 )
+from training import distributed
 from training.augment import AUGMENTATIONS
 from training.data import SplitArrays, load_split, to_tensors
 from training.eval_metrics import split_scores
@@ -92,16 +98,22 @@ def validate(model: InfMapNet, data: SplitArrays, bf16: bool, batch: int = 32) -
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    d = distributed.init()
+    distributed.check_batch(args.batch_size, d)
+    if args.threads or d.enabled:
+        torch.set_num_threads(args.threads or distributed.default_threads(d))
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     bf16 = NATIVE_BF16 and not args.no_bf16
     config = ModelConfig(encoder_name=args.encoder, head_pooling=args.head_pooling)
 
+    if not d.is_main:
+        distributed.barrier(d)  # rank 0 fills the decoded-array cache first (one writer)
     train_data = load_split(args.data, "Train", config.input_size, args.cache_dir)
     val_data = load_split(args.data, "Val", config.input_size, args.cache_dir)
+    if d.is_main:
+        distributed.barrier(d)
     if args.limit:
         rng = np.random.default_rng(args.seed)
         train_data = train_data.subset(np.sort(rng.permutation(len(train_data))[: args.limit]))
@@ -126,6 +138,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         else None
     )
     augment_fn = AUGMENTATIONS[args.augment]
+    trained = distributed.wrap(model, d)  # what steps; ``model`` keeps the weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = MultiTaskLoss()
     steps_per_epoch = len(train_data) // args.batch_size
@@ -135,18 +148,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     state_path = work / "last.pt"
     epoch, step_in_epoch, global_step, best, elapsed = 0, 0, 0, -1.0, 0.0
     history: list[dict[str, Any]] = []
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed + d.rank)  # augmentation draws per process
     if state_path.is_file():
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
-        gen.set_state(st["generator"])
         epoch, step_in_epoch, global_step = st["epoch"], st["step_in_epoch"], st["global_step"]
+        if d.is_main:  # the saved draws are rank 0's; the others start afresh
+            gen.set_state(st["generator"])
+        else:
+            gen.manual_seed(args.seed + d.rank + 7919 * global_step)
         best, elapsed = st["best"], st["elapsed"]
         if ema is not None:
             ema.load_state_dict(st["ema"])
         history = json.loads(st["history"])
         print(f"resumed at epoch {epoch + 1}, step {step_in_epoch}/{steps_per_epoch}")
+    # Every process must resume from the same state: on several machines --work-dir is shared.
+    distributed.check_same("where training resumes (is --work-dir shared?)",
+                           (epoch, step_in_epoch, global_step), d)
 
     def save_state(next_epoch: int, next_step: int) -> None:
         """Everything needed to continue at (next_epoch, next_step); written atomically."""
@@ -165,13 +184,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         perm = np.random.default_rng(args.seed * 1000 + epoch).permutation(len(train_data))
         model.train()
         bar = tqdm(range(step_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   initial=step_in_epoch, total=steps_per_epoch, mininterval=5)
+                   initial=step_in_epoch, total=steps_per_epoch, mininterval=5,
+                   disable=not d.is_main)
         t0 = time.monotonic()
         running: dict[str, float] = {}
         for step_in_epoch in bar:
             idx = perm[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
-            img, masks, labels = to_tensors(train_data, idx)
-            parts = train_step(model, optimizer, loss_fn, img, masks, labels, gen, config,
+            img, masks, labels = to_tensors(train_data, distributed.shard(idx, d))
+            parts = train_step(trained, optimizer, loss_fn, img, masks, labels, gen, config,
                                lr_at(global_step, total_steps, args.lr, warmup), bf16,
                                not args.no_channels_last, augment_fn=augment_fn)
             if ema is not None:
@@ -180,7 +200,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             for k, v in parts.items():
                 running[k] = 0.9 * running.get(k, v) + 0.1 * v
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-            if time.monotonic() - last_save > args.save_every_min * 60:
+            if d.is_main and time.monotonic() - last_save > args.save_every_min * 60:
                 elapsed += time.monotonic() - t0
                 t0 = time.monotonic()
                 save_state(epoch, step_in_epoch + 1)
@@ -190,6 +210,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         elapsed += time.monotonic() - t0
         # The EMA of the weights is what is validated and shipped when it is on.
         chosen: InfMapNet = ema.module if ema is not None else model  # type: ignore[assignment]
+        distributed.check_in_sync(model, d)
+        if not d.is_main:  # rank 0 validates and writes; the others wait for it
+            distributed.barrier(d)
+            epoch, step_in_epoch = epoch + 1, 0
+            if args.max_steps and global_step >= args.max_steps:
+                break
+            continue
         metrics = validate(chosen, val_data, bf16)
         metrics.update(epoch=epoch + 1, elapsed_min=round(elapsed / 60, 2), **running)
         history.append(metrics)
@@ -203,7 +230,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "training": {"epoch": epoch + 1, "epochs": args.epochs, "seed": args.seed,
                              "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
                              "init": init_note, "augment": args.augment, "ema": args.ema,
-                             "head_pooling": args.head_pooling,
+                             "head_pooling": args.head_pooling, "processes": d.world_size,
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
                 "metrics": {"val": {k: metrics[k] for k in
@@ -212,6 +239,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         epoch, step_in_epoch = epoch + 1, 0
         save_state(epoch, 0)
         (work / "history.json").write_text(json.dumps(history, indent=1))
+        distributed.barrier(d)
         if args.max_steps and global_step >= args.max_steps:
             break
     return {"best_score": best, "history": history, "config": asdict(config),
@@ -220,8 +248,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     result = train(parse_args(argv))
-    print(f"done: best Val score {result['best_score']:.4f}, "
-          f"{result['train_minutes']:.1f} min of training")
+    d = distributed.init()  # already joined by train: this only reads who we are
+    if d.is_main:
+        print(f"done: best Val score {result['best_score']:.4f}, "
+              f"{result['train_minutes']:.1f} min of training in {d.world_size} process(es)")
+    distributed.finish(d)
 
 
 if __name__ == "__main__":
