@@ -1,9 +1,9 @@
 """Where studies come from: one small seam for image sources (in the style of MONAI Label's
 ``Datastore``), so a new source is a class with ``items()`` and nothing else changes.
 
-Sources today: ``UploadSource`` (files handed over by the browser) and ``FolderSource`` (a
-folder, e.g. the bundled samples). A DICOMweb source (QIDO-RS search, WADO-RS retrieve) is the
-planned third: it yields the same ``SourceItem`` values. Every item goes through
+Sources today: ``UploadSource`` (files handed over by the browser), ``FolderSource`` (a
+folder, e.g. the bundled samples), and ``services.dicomweb.DicomWebSource`` (instances retrieved
+from the PACS with WADO-RS): all yield the same ``SourceItem`` values. Every item goes through
 ``services.ingest.ingest_file`` (load, de-identify, store once, predict once per model).
 """
 
