@@ -42,9 +42,11 @@ class AppServer:
 
 
 def start_app(
-    database_url: str, checkpoint: Path, log_path: Path, timeout: float = 90.0
+    database_url: str, checkpoint: Path, log_path: Path, timeout: float = 90.0,
+    data_dir: Path | None = None,
 ) -> AppServer:
-    """``streamlit run app.py`` on a free port; returns once the health endpoint answers."""
+    """``streamlit run app.py`` on a free port; returns once the health endpoint answers.
+    ``data_dir``: the file store (``INFMAP_DATA_DIR``; default: next to the SQLite file)."""
     port = free_port()
     env = {
         **os.environ,
@@ -54,7 +56,9 @@ def start_app(
         "OMP_NUM_THREADS": "1",  # a model trains on this machine: stay modest
         "PYTHONPATH": str(REPO),
     }
-    env.pop("INFMAP_DATA_DIR", None)  # the file store sits next to the temp SQLite file
+    env.pop("INFMAP_DATA_DIR", None)  # by default the store sits next to the temp SQLite file
+    if data_dir is not None:
+        env["INFMAP_DATA_DIR"] = str(data_dir)
     cmd = [
         sys.executable, "-m", "streamlit", "run", "app.py",
         "--server.port", str(port), "--server.address", "127.0.0.1",
