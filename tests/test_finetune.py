@@ -213,6 +213,7 @@ def test_injected_failure_registers_nothing_and_rerun_succeeds(world: dict) -> N
     assert ok.metrics["decision"]["rule"] == RefuseGate.rule
 
 
+@pytest.mark.timeout(1200)  # two cold torch starts on a busy 2-core machine
 def test_finetune_under_torchrun_in_two_processes(tmp_path: Path) -> None:
     """Two processes (torchrun, DDP over gloo): rank 0 reads the database and hands the other
     its plan; both train on half of each batch (training fails if their weights differ);

@@ -182,6 +182,7 @@ def test_train_main_checkpoint_and_resume(
     assert load_checkpoint(out).meta["training"]["epoch"] in (1, 2)
 
 
+@pytest.mark.timeout(1200)  # two cold torch starts on a busy 2-core machine
 def test_train_under_torchrun_in_two_processes(mini_root: Path, tmp_path: Path) -> None:
     """Two processes (torchrun, DDP over gloo on CPU) each take half of every batch; training
     fails if their weights ever differ (``distributed.check_in_sync``); rank 0 alone writes."""

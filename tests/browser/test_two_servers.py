@@ -18,7 +18,7 @@ from test_app_browser import draw_stroke, image_id, model_mask, versions
 from database import model_versions, worklist
 from database.session import make_engine, session_scope
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(1200)]  # two first starts
 STUDY = "COVID-19/covid_1582.png"
 VIEWPORT = {"width": 1600, "height": 1000}
 TIMEOUT_MS = 90_000  # two servers' first start (model load, sample import) on 2 busy cores
