@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from browser_helpers import AppServer, sign_in, start_app, stop_app, wait_idle
+from correction_helpers import draw_stroke, image_id, model_mask, versions
 from playwright.sync_api import Page, expect
-from test_app_browser import draw_stroke, image_id, model_mask, versions
 
 from database import model_versions, worklist
 from database.session import make_engine, session_scope
