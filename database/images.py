@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
@@ -36,7 +36,8 @@ class PayloadError(RuntimeError):
 
 def session_data_dir(session: Session) -> Path:
     """The file-store root of the database ``session`` is bound to."""
-    return data_dir_for(session.get_bind())  # type: ignore[arg-type]  # an Engine here
+    bind = session.get_bind()
+    return data_dir_for(bind if isinstance(bind, Engine) else bind.engine)
 
 
 STALE_TEMP_SECONDS = 600.0  # no payload write takes this long; a younger one may be under way
