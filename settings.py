@@ -23,6 +23,7 @@ Environment variables (all optional):
 - ``INFMAP_DICOMWEB_USER`` / ``INFMAP_DICOMWEB_PASSWORD``  HTTP basic credentials for it
                           (optional; from the environment only, never stored or logged)
 - ``INFMAP_ID_SALT``      salt of the hashed patient ID (``inference.deid``)
+- ``INFMAP_SESSION_MINUTES``  idle minutes after which a signed-in user is signed out (default 30)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
 - ``STREAMLIT_SERVER_MAX_UPLOAD_SIZE``  Streamlit's own override of ``server.maxUploadSize`` in
@@ -54,7 +55,7 @@ DEFAULT_DECODE_SECONDS = 60.0  # RG1 (3.6 MP JPEG 2000) reads in ~1 s on a busy 
 DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at ~1.7 GB
 
 # ----------------------------------------------------------------------------- vocabulary
-ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher")
+ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher", "admin")
 MASK_KINDS: tuple[str, ...] = ("lung", "infection")
 # Shown with every result (pages, the study report): what InfMap's output is for.
 DECISION_SUPPORT_NOTICE = (
@@ -146,6 +147,14 @@ def dicomweb_credentials() -> tuple[str, str] | None:
 def id_salt() -> str:
     """``INFMAP_ID_SALT``; the built-in default is for development only (``inference.deid``)."""
     return _env("INFMAP_ID_SALT") or DEV_ID_SALT
+
+
+DEFAULT_SESSION_MINUTES = 30.0
+
+
+def session_minutes() -> float:
+    """Idle time after which a browser session's sign-in ends (``services.identity``)."""
+    return float(_env("INFMAP_SESSION_MINUTES") or DEFAULT_SESSION_MINUTES)
 
 
 def decode_seconds() -> float:

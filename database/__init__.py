@@ -4,7 +4,8 @@ of operations per aggregate. Storage only: knows nothing of Streamlit, inference
 - ``database.session``         engine, SQLite settings, migrations, ``session_scope``
 - ``database.models``          the tables
 - ``database.masks``           binary masks <-> PNG bytes
-- ``database.users``           users and roles
+- ``database.users``           accounts (argon2id hashes), roles, ``python -m database.users``
+- ``database.audit``           the append-only audit trail
 - ``database.images``          studies and their file store (de-identified payloads)
 - ``database.model_versions``  registered checkpoints, the active one, lineage
 - ``database.predictions``     the model's output per (image, model version)

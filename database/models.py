@@ -84,7 +84,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(120), unique=True)
     role: Mapped[str] = mapped_column(String(16))
-    # The seam for real log-in later; nothing sets it yet.
+    # argon2id hash (database.users); None: an account from before log-in, not usable until an
+    # admin sets a password.
     password_hash: Mapped[str | None] = mapped_column(String(255), default=None)
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
@@ -265,6 +266,40 @@ class FinetuneRun(Base):
     finished: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     model_version: Mapped[ModelVersion | None] = relationship()
+
+
+AUDIT_ACTIONS: tuple[str, ...] = (
+    "sign-in", "sign-in refused", "sign-out", "view", "save", "submit", "approve", "send back",
+    "import", "export", "model start", "model activate", "user create", "password reset",
+)  # fmt: skip
+
+
+class AuditEvent(Base):
+    """Who did what when. Append-only: the ORM refuses updates and deletes, and so does the
+    database itself (triggers from the migration)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        CheckConstraint(_in("action", AUDIT_ACTIONS), name="action"),
+        Index("ix_audit_events_at", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    user_name: Mapped[str] = mapped_column(String(120))  # as typed for a refused sign-in
+    action: Mapped[str] = mapped_column(String(32))
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    detail: Mapped[str | None] = mapped_column(Text)  # never a file name or patient data
+
+    def __repr__(self) -> str:
+        return f"AuditEvent(id={self.id}, action={self.action!r}, user_id={self.user_id})"
+
+
+@event.listens_for(AuditEvent, "before_update")
+@event.listens_for(AuditEvent, "before_delete")
+def _refuse_audit_change(mapper: Any, connection: Any, target: Any) -> None:
+    raise RuntimeError("audit events are append-only")
 
 
 @event.listens_for(AnnotationVersion, "before_update")

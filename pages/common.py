@@ -21,8 +21,8 @@ import streamlit as st
 import settings
 from inference.loading import XRay
 from inference.model import CheckpointError, LoadedModel, load_checkpoint
+from services import audit_trail, identity, readings, studies
 from services import bootstrap as boot
-from services import identity, readings, studies
 from services.storage import Store, open_store
 
 log = logging.getLogger("infmap.app")
@@ -177,6 +177,22 @@ def version_mask(version_id: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- selection
 def user() -> identity.Identity | None:
     return identity.current_user(st.session_state)
+
+
+def audit(action: str, image_id: int | None = None, detail: str | None = None) -> None:
+    """Record an action of this browser session's user in the audit trail."""
+    u = user()
+    audit_trail.record(db, u.user_id if u is not None else None, action, image_id, detail)
+
+
+def audit_view(image_id: int, page: str) -> None:
+    """A study shown: recorded once per browser session, user and study (not on every rerun)."""
+    u = user()
+    key = (u.user_id if u is not None else None, int(image_id))
+    seen = st.session_state.setdefault("infmap.audited_views", set())
+    if key not in seen:
+        audit("view", image_id, page)
+        seen.add(key)
 
 
 def select_study(image_id: int) -> None:

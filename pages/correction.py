@@ -138,6 +138,7 @@ def main() -> None:
     info = common.study_picker(common.selected_study_id(), key="correction.study")
     if info is None:
         return
+    common.audit_view(info.image_id, "correction")
     # Every message that comes and goes is written into this one container, so the widgets
     # below keep their place in the page: a canvas that moves is remounted, which would drop
     # its strokes and swallow a click on a save button made at the same moment.
@@ -146,7 +147,7 @@ def main() -> None:
     can_edit = identity.can_edit(user)
     if not can_edit:
         notices.warning(
-            "Sign in first (sidebar: your name and role): edits and saves carry your name.",
+            "Sign in first (sidebar: your name and password): edits and saves carry your name.",
             icon=":material/lock:",
         )
     model, _loaded, message = common.active_model()

@@ -31,6 +31,11 @@ def can_manage() -> bool:
     return admin.can_manage(u.role if u is not None else None)
 
 
+def user_id() -> int:
+    u = common.user()
+    return u.user_id if u is not None else -1  # no user: the service refuses
+
+
 # ----------------------------------------------------------------------------- sections
 def versions_section(records: list[dict[str, Any]]) -> None:
     st.subheader("Model versions")
@@ -133,12 +138,12 @@ def activation_section(records: list[dict[str, Any]]) -> None:
     record = by_id[target]
     is_active = current is not None and current["id"] == target
     clicked = c2.button("Activate", disabled=not can_manage() or is_active,
-                        help=None if can_manage() else "Sign in as a radiologist or researcher.")
+                        help=None if can_manage() else "Sign in as a researcher or admin.")
     if st.session_state.get(CONFIRM) not in (None, target):
         st.session_state.pop(CONFIRM, None)  # another version was picked meanwhile
     outcome = None
     if clicked:
-        outcome = admin.activate(common.db, record)
+        outcome = admin.activate(common.db, record, user_id())
         if outcome.needs_confirmation:
             st.session_state[CONFIRM] = target
     if st.session_state.get(CONFIRM) == target:
@@ -149,7 +154,8 @@ def activation_section(records: list[dict[str, Any]]) -> None:
         k1, k2, _ = st.columns([2, 1, 3])
         if k1.button("Activate it anyway", type="primary", key="models.confirm_activate"):
             st.session_state.pop(CONFIRM, None)
-            outcome = admin.activate(common.db, record, confirmed_rejection=True)
+            outcome = admin.activate(common.db, record, user_id(),
+                                     confirmed_rejection=True)
         if k2.button("Cancel", key="models.cancel_activate"):
             st.session_state.pop(CONFIRM, None)
             st.rerun()
@@ -213,7 +219,7 @@ def start_section(run_list: list[dict[str, Any]]) -> None:
         tol = c4.number_input("Val tolerance (Dice)", 0.0, 0.2, FinetuneOptions.tolerance,
                               step=0.005, format="%.3f")
         data = st.text_input("COVID-QU-Ex folder (replay and Val)", str(settings.shared_data_dir()))
-        why = ("Sign in as a radiologist or researcher." if not can_manage()
+        why = ("Sign in as a researcher or admin." if not can_manage()
                else "A run is already in progress." if busy
                else "Corrections on at least 2 studies are needed." if n_studies < 2 else None)
         go_ = st.form_submit_button("Start fine-tuning", type="primary", disabled=why is not None,
@@ -222,7 +228,7 @@ def start_section(run_list: list[dict[str, Any]]) -> None:
         st.caption(why)
     if go_ and why is None:
         started = admin.start_finetune(
-            common.db, settings.database_url(), common.user().name, int(steps), float(replay),
+            common.db, settings.database_url(), user_id(), int(steps), float(replay),
             int(seed), float(tol), data or None,
         )  # fmt: skip
         if not started.ok:
@@ -297,8 +303,9 @@ def export_section() -> None:
     submitted = c1.checkbox("Include submitted masks", key="models.export.submitted")
     split = c2.selectbox("Split", ["hash", *dataset_export.SPLITS], key="models.export.split",
                          help="hash: stable per patient (10 % Val, 10 % Test, rest Train).")
-    if st.button("Prepare dataset export", disabled=not can_manage(),
-                 help=None if can_manage() else "Sign in as a radiologist or researcher.",
+    may_export = identity.can_export(common.user())
+    if st.button("Prepare dataset export", disabled=not may_export,
+                 help=None if may_export else "Sign in as a radiologist, researcher or admin.",
                  icon=":material/folder_zip:", key="models.export.prepare"):
         options = dataset_export.ExportOptions(include_submitted=submitted, split=split)
         with st.spinner("Writing the export..."):
@@ -306,14 +313,15 @@ def export_section() -> None:
                 common.db, options
             )
     ready = st.session_state.get("models.export.file")
-    if ready is not None and can_manage():
+    if ready is not None and may_export:
         name, data, summary = ready
         left = sum(summary.left_out.values())
         st.success(f"{summary.total} studies exported" + (f", {left} left out (see the "
                    "README in the ZIP)." if left else "."))
         st.download_button("Download dataset export", data, file_name=name,
                            mime="application/zip", icon=":material/download:",
-                           key="models.export.download")
+                           key="models.export.download", on_click=common.audit,
+                           args=("export", None, f"dataset export: {summary.total} studies"))
 
 
 def main() -> None:

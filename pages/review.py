@@ -221,6 +221,7 @@ def seg_download(image_id: int, shown: readings.Reading, model_version: str) -> 
             st.download_button(
                 "Download DICOM SEG", data, file_name=name, mime=mime,
                 icon=":material/download:", key="review.seg_download",
+                on_click=common.audit, args=("export", image_id, "DICOM SEG"),
             )
         if settings.dicomweb_url() is not None:
             pacs_panel.push_button(image_id, shown, model_version)
@@ -231,6 +232,7 @@ def main() -> None:
     info = common.study_picker(common.selected_study_id(), key="review.study")
     if info is None:
         return
+    common.audit_view(info.image_id, "review")
     st.info(common.DISCLAIMER, icon=":material/info:")
     model, loaded, message = common.active_model()
     common.model_notice(message)

@@ -48,6 +48,10 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
         upload = datastore.UploadSource([(f.name, f.getvalue()) for f in files])
         outcomes = datastore.ingest_source(common.db, upload, handles, before_each=show_progress)
         progress.empty()
+        added = sum(o.ok and o.created for o in outcomes)
+        present = sum(o.ok and not o.created for o in outcomes)
+        common.audit("import", None, f"upload: {added} added, {present} already present, "
+                     f"{len(outcomes) - added - present} refused")  # counts, never file names
         st.session_state[UPLOAD_RESULTS] = outcomes
         st.session_state[UPLOAD_NONCE] = nonce + 1  # a fresh, empty uploader
         st.rerun()

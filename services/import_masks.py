@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import Engine
 
-from database import annotation_versions, users, versioning
+from database import annotation_versions, audit, users, versioning
 from database.masks import MaskError, read_mask_file, resize_mask
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
@@ -221,6 +221,11 @@ def import_masks(
                         comment="imported",
                     )
                     summary.versions_saved += 1
+    with session_scope(engine) as s:
+        audit.record(s, "import", users.get_user(s, author_name), detail=(
+            f"masks: {summary.images_new} images new, {summary.images_present} present, "
+            f"{summary.versions_saved} versions saved as {status}, "
+            f"{sum(summary.skipped.values())} skipped"))
     return summary
 
 

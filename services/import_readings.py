@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 import settings
-from database import reading_versions, users
+from database import audit, reading_versions, users
 from database.models import ANNOTATION_STATUSES, REVIEW_STATUSES
 from database.session import init_db, session_scope
 from database.versioning import RoleError
@@ -198,6 +198,9 @@ def import_readings(
                 head.id if head is not None else None, comment="imported",
             )
             summary.readings_saved += 1
+        audit.record(s, "import", author, detail=(
+            f"readings: {summary.images_new} images new, {summary.images_present} present, "
+            f"{summary.readings_saved} saved as {status}"))
     return summary
 
 

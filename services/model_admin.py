@@ -20,17 +20,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from database import annotation_versions, model_versions, reading_versions, runs
+from database import annotation_versions, audit, model_versions, reading_versions, runs, users
 from database.session import data_dir_for
+from database.versioning import RoleError
 from inference.model import LoadedModel
 from services import ingest, studies
+from services.identity import MODEL_MANAGERS
 from services.ingest import SessionFactory
 from settings import READING_CLASSES
 from training import run_control
 
 log = logging.getLogger("infmap.models")
 
-MANAGERS = ("radiologist", "researcher")  # who may start fine-tuning and change the model
+MANAGERS = MODEL_MANAGERS  # who may start fine-tuning and change the model
 RUN_STATUS_LABELS = {
     "queued": "queued",
     "running": "running",
@@ -138,17 +140,26 @@ class Activation:
 
 
 def activate(
-    scope: SessionFactory, record: dict[str, Any], confirmed_rejection: bool = False
-) -> Activation:
-    """Make ``record``'s version the active one; a gate-rejected version only once the caller
-    confirmed the gate's reason."""
+    scope: SessionFactory, record: dict[str, Any], user_id: int,
+    confirmed_rejection: bool = False,
+) -> Activation:  # fmt: skip
+    """Make ``record``'s version the active one (researchers and admins only); a gate-rejected
+    version only once the caller confirmed the gate's reason."""
+    with scope(write=False) as s:
+        try:
+            users.acting_user(s, user_id, MANAGERS, "activate or roll back a model version")
+        except (RoleError, LookupError) as exc:
+            return Activation(False, str(exc))
     if not Path(record["checkpoint"]).is_file():
         return Activation(False, "This version's model file is missing; it cannot be activated.")
     reason = rejection_reason(record)
     if reason is not None and not confirmed_rejection:
         return Activation(False, "", needs_confirmation=reason)
     with scope() as s:
+        user = users.acting_user(s, user_id, MANAGERS, "activate or roll back a model version")
         model_versions.set_active_model_version(s, record["id"])
+        audit.record(s, "model activate", user, detail=f"version {record['version']}"
+                     + (" (gate rejection confirmed)" if reason is not None else ""))
     return Activation(True, f"{record['version']} is now the active model.")
 
 
@@ -231,14 +242,20 @@ class StartOutcome:
 
 
 def start_finetune(
-    scope: SessionFactory, database_url: str, by: str, steps: int, replay_ratio: float,
+    scope: SessionFactory, database_url: str, user_id: int, steps: int, replay_ratio: float,
     seed: int, tolerance: float, data: str | None,
 ) -> StartOutcome:  # fmt: skip
-    """Register a run and start ``training.finetune`` for it as a background process."""
-    args = {"steps": steps, "replay_ratio": replay_ratio, "seed": seed,
-            "tolerance": tolerance, "data": data or None, "by": by}  # fmt: skip
-    with scope() as s:
-        run_id = int(runs.create_run(s, args).id)
+    """Register a run and start ``training.finetune`` for it as a background process
+    (researchers and admins only)."""
+    try:
+        with scope() as s:
+            user = users.acting_user(s, user_id, MANAGERS, "start fine-tuning")
+            args = {"steps": steps, "replay_ratio": replay_ratio, "seed": seed,
+                    "tolerance": tolerance, "data": data or None, "by": user.name}  # fmt: skip
+            run_id = int(runs.create_run(s, args).id)
+            audit.record(s, "model start", user, detail=f"fine-tuning run {run_id}")
+    except (RoleError, LookupError) as exc:
+        return StartOutcome(False, None, str(exc))
     folder = data_dir_for(database_url) / "models"
     folder.mkdir(parents=True, exist_ok=True)
     extra = ["--steps", str(steps), "--replay-ratio", str(replay_ratio),

@@ -15,7 +15,7 @@ from typing import Any
 
 from database import reading_versions, versioning
 from services.ingest import SessionFactory
-from services.studies import STATUS_LABELS, SaveOutcome, save_version, signed_in_user
+from services.studies import STATUS_LABELS, SaveOutcome, _audit, save_version, signed_in_user
 from settings import READING_CLASSES, READING_LABELS
 
 # How each label reads on screen (the stored value is the key).
@@ -135,6 +135,7 @@ def save_reading(
             prediction_id=prediction_id,
         ),
         lambda new_id: f"{word}: version {new_id}.",
+        (status, image_id, "reading"),
     )
 
 
@@ -154,11 +155,12 @@ def change_reading_status(
             if status == "returned" and not comment:
                 return SaveOutcome(False, None, "Say what needs changing: a comment is required.")
             with scope() as session:
+                reviewer = signed_in_user(session, user_id)
                 version = reading_versions.review_reading(
-                    session, image_id, signed_in_user(session, user_id), status, base_version_id,
-                    comment,
+                    session, image_id, reviewer, status, base_version_id, comment,
                 )
                 done = int(version.id)
+                _audit(session, status, reviewer, image_id, f"reading version {done}")
             word = "Reading approved" if status == "approved" else "Reading sent back"
             return SaveOutcome(True, done, f"{word}: version {done}.")
         if status != "submitted":
@@ -176,10 +178,12 @@ def change_reading_status(
             return save_reading(scope, image_id, label, finding, user_id, "submitted",
                                 base_version_id, comment)
         with scope() as session:
+            author = signed_in_user(session, user_id)
             version = reading_versions.submit_reading_draft(
-                session, image_id, signed_in_user(session, user_id), base_version_id
+                session, image_id, author, base_version_id
             )
             done = int(version.id)
+            _audit(session, "submitted", author, image_id, f"reading version {done}")
         return SaveOutcome(True, done, f"Reading submitted for review: version {done}.")
     except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))

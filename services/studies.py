@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from database import annotation_versions, images, model_versions, predictions, versioning
+from database import annotation_versions, audit, images, model_versions, predictions, versioning
 from database import worklist as worklist_queries
 from database.models import User
 from inference.gradcam import gradcam
@@ -357,20 +357,35 @@ def signed_in_user(session: Any, user_id: int) -> User:
     return user
 
 
+AUDIT_ACTION = {"draft": "save", "submitted": "submit", "approved": "approve",
+                "returned": "send back"}
+
+
+def _audit(session: Any, status: str, user: User, image_id: int, detail: str) -> None:
+    """The save in the audit trail, in the save's own transaction."""
+    audit.record(session, AUDIT_ACTION[status], user, image_id=image_id, detail=detail)
+
+
 def save_version(
     scope: SessionFactory,
     user_id: int,
     save: Callable[[Any, User], Any],
     keep_draft: Callable[[Any, User], Any],
     done: Callable[[int], str],
+    audit_as: tuple[str, int, str] | None = None,
 ) -> SaveOutcome:
     """``save(session, user)`` in a transaction. A stale base is refused: the content is then
     kept by ``keep_draft(session, user)`` as the author's conflict draft (a transaction of its
     own, after the refused one rolled back) and the outcome's message names it. Other refusals
-    (role, bad value, gone) are the message; ``done(version_id)`` words a success."""
+    (role, bad value, gone) are the message; ``done(version_id)`` words a success.
+    ``audit_as``: (status, image id, what) recorded in the audit trail in the same transaction."""
     try:
         with scope() as session:
-            new_id = int(save(session, signed_in_user(session, user_id)).id)
+            user = signed_in_user(session, user_id)
+            new_id = int(save(session, user).id)
+            if audit_as is not None:
+                status, image_id, what = audit_as
+                _audit(session, status, user, image_id, f"{what} version {new_id}")
     except versioning.StaleVersionError as refused:
         with scope() as session:
             kept = refused.kept_as(int(keep_draft(session, signed_in_user(session, user_id)).id))
@@ -411,6 +426,7 @@ def save_mask(
             prediction_id=prediction_id,
         ),
         lambda new_id: f"{word}: {KIND_LABELS[kind].lower()} version {new_id}.",
+        (status, image_id, f"{kind} mask"),
     )
 
 
@@ -435,10 +451,11 @@ def review_head(
         raise ValueError(f"unknown review action {action!r}")
     try:
         with scope() as session:
-            version = fn(
-                session, image_id, kind, signed_in_user(session, user_id), base_version_id, comment
-            )
+            reviewer = signed_in_user(session, user_id)
+            version = fn(session, image_id, kind, reviewer, base_version_id, comment)
             new_id = int(version.id)
+            status = "approved" if action == "approve" else "returned"
+            _audit(session, status, reviewer, image_id, f"{kind} mask version {new_id}")
     except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
     except (versioning.RoleError, ValueError, LookupError) as exc:
@@ -481,10 +498,12 @@ def change_status(
         )
     try:
         with scope() as session:
+            author = signed_in_user(session, user_id)
             version = annotation_versions.submit_draft(
-                session, image_id, kind, signed_in_user(session, user_id), base_version_id
+                session, image_id, kind, author, base_version_id
             )
             done = int(version.id)
+            _audit(session, "submitted", author, image_id, f"{kind} mask version {done}")
     except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
     except (ValueError, LookupError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accounts import sign_in_apptest
 from streamlit.testing.v1 import AppTest
 
 from database.session import init_db, session_scope
@@ -27,10 +28,10 @@ def run_app(page: str | None = None) -> AppTest:
 
 
 def sign_in(at: AppTest, name: str, role: str = "annotator") -> None:
-    at.sidebar.text_input(key="identity.name").input(name)
-    at.sidebar.selectbox(key="identity.role").select(role)
-    at.sidebar.button[0].click().run()
+    """Create the account ``name`` (``role``) in the test's database and sign in with it."""
+    sign_in_apptest(at, name, role)
     assert not at.exception, at.exception
+    assert at.session_state["infmap.identity"].name == name
 
 
 def scope_for(url: str):  # noqa: ANN201

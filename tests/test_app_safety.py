@@ -14,6 +14,7 @@ import numpy as np
 import probe_inputs as probe
 import pytest
 import streamlit as st
+from accounts import ensure_account, sign_in_apptest
 from app_helpers import APP, TIMEOUT
 from streamlit.testing.v1 import AppTest
 
@@ -47,9 +48,8 @@ def run(page: str | None = None) -> AppTest:
     return at
 
 
-def sign_in(at: AppTest, name: str) -> None:
-    at.sidebar.text_input(key="identity.name").input(name)
-    at.sidebar.button[0].click().run()
+def sign_in(at: AppTest, name: str, create: bool = True) -> None:
+    sign_in_apptest(at, name, create=create)
 
 
 def test_md_escape_leaves_no_markdown() -> None:
@@ -78,9 +78,10 @@ def test_read_only_database_gives_a_plain_message_at_sign_in(
     app_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run()  # creates and fills the database
+    ensure_account(f"sqlite:///{app_db}", "Nobody Yet")
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///file:{app_db}?mode=ro&uri=true")
     at = run()
-    sign_in(at, "Nobody Yet")
+    sign_in(at, "Nobody Yet", create=False)  # the sign-in is written to the audit trail
     assert not at.exception, at.exception
     message = at.session_state["identity.error"]  # what the sidebar shows under the form
     assert "read-only" in message and "Traceback" not in message and "INSERT" not in message

@@ -74,6 +74,7 @@ def start_app(
         try:
             with urllib.request.urlopen(f"{server.url}/_stcore/health", timeout=2) as resp:
                 if resp.status == 200:
+                    _SERVERS.append(server)
                     return server
         except OSError:
             time.sleep(0.2)
@@ -100,15 +101,38 @@ def wait_idle(page) -> None:  # noqa: ANN001
     )
 
 
-def sign_in(page, name: str, role: str = "annotator") -> None:  # noqa: ANN001
-    from playwright.sync_api import expect
+_SERVERS: list[AppServer] = []  # the servers started, newest last (their accounts' database)
+TEST_PASSWORD = "browser-password-1234"
 
+
+def ensure_account(database_url: str, name: str, role: str, password: str = TEST_PASSWORD) -> None:
+    """The account ``name`` with ``role`` in the app's database (as an admin would make it)."""
+    from database import users
+    from database.session import make_engine, session_scope
+
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine) as s:
+            if users.get_user(s, name) is None:
+                users.create_user(s, name, role, password, by=None)
+    finally:
+        engine.dispose()
+
+
+def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
     sidebar = page.locator('[data-testid="stSidebar"]')
     sidebar.get_by_label("Your name").fill(name)  # no Enter: that would submit the form
-    select = sidebar.locator('[data-testid="stSelectbox"]').filter(has_text="Role")
-    select.click()
-    page.get_by_role("option", name=role, exact=True).click()
+    sidebar.get_by_label("Password", exact=True).fill(password)
     sidebar.get_by_role("button", name="Sign in").click()
+
+
+def sign_in(page, name: str, role: str = "annotator") -> None:  # noqa: ANN001
+    """Create the account (in the newest server's database) and sign in with it."""
+    from playwright.sync_api import expect
+
+    ensure_account(_SERVERS[-1].database_url, name, role)
+    fill_sign_in(page, name, TEST_PASSWORD)
+    sidebar = page.locator('[data-testid="stSidebar"]')
     expect(sidebar.get_by_text(f"Signed in as {name}")).to_be_visible()
 
 
