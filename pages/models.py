@@ -15,7 +15,7 @@ import streamlit as st
 
 import settings
 from pages import common
-from services import dataset_export, display
+from services import dataset_export, display, identity
 from services import model_admin as admin
 from services.text import fmt_time
 from training.finetune import FinetuneOptions
