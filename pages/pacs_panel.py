@@ -74,6 +74,8 @@ def import_section(model: studies.ModelInfo | None, loaded: object | None, resul
             st.error(f"Nothing was imported: {exc}", icon=":material/error:")
             return
         progress.empty()
+        added = sum(o.ok and o.created for o in report.outcomes)
+        common.audit("import", None, f"PACS: {added} added of {len(report.outcomes)}")
         st.session_state[results] = report.outcomes
         if report.skipped:
             st.toast(f"{report.skipped} objects that are not CR/DX radiographs were left out.")
@@ -87,5 +89,6 @@ def push_button(image_id: int, shown: readings.Reading, model_version: str) -> N
         try:
             st.success(dicomweb.push_seg(common.db, dicomweb.connect(), image_id, versions,
                                          model_version))
+            common.audit("export", image_id, "DICOM SEG sent to the PACS")
         except (dicomweb.DicomWebError, SegError, LookupError) as exc:
             st.error(str(exc), icon=":material/error:")
