@@ -120,9 +120,13 @@ def ensure_account(database_url: str, name: str, role: str, password: str = TEST
 
 
 def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
+    """Fill and submit the sign-in form once the page has finished its run (a submit sent
+    while the script still runs can be lost when that run replaces the form)."""
     sidebar = page.locator('[data-testid="stSidebar"]')
+    wait_idle(page)
     sidebar.get_by_label("Your name").fill(name)  # no Enter: that would submit the form
     sidebar.get_by_label("Password", exact=True).fill(password)
+    wait_idle(page)
     sidebar.get_by_role("button", name="Sign in").click()
 
 
