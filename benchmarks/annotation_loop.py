@@ -52,7 +52,7 @@ from inference.model import (  # noqa: E402
 from services.import_masks import import_masks  # noqa: E402
 from training import finetune as ft  # noqa: E402
 from training.data import SplitArrays, list_samples, load_split, to_tensors  # noqa: E402
-from training.finetune import _batches as ft_batches  # noqa: E402
+from training.finetune_train import batches as ft_batches  # noqa: E402
 from training.gate import val_metrics  # noqa: E402
 from training.loop import lr_at, train_step  # noqa: E402
 from training.losses import MultiTaskLoss  # noqa: E402
