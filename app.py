@@ -20,7 +20,7 @@ import streamlit as st  # noqa: E402
 # page: registering it during that page's first run made Streamlit show "Page not found".
 import streamlit_drawable_canvas  # noqa: E402, F401
 
-from pages import common  # noqa: E402
+from pages import common, panel_chart  # noqa: E402, F401 - panel_chart registers its components
 from services import identity, studies  # noqa: E402
 from services.storage import storage_problem  # noqa: E402
 from services.text import md_escape  # noqa: E402

@@ -15,7 +15,7 @@ import streamlit as st
 
 import settings
 from inference.windowing import apply_window
-from pages import common, pacs_panel, reading_panel
+from pages import common, pacs_panel, panel_chart, reading_panel
 from services import display, readings, seg_export, studies, study_report
 from services.dicom_seg import SegError
 
@@ -323,7 +323,8 @@ def main() -> None:
     panels = display.panel_images(pixels, lung, infection, cam, opacity, grid)
     fig = display.panels_figure(panels, grid, tuple(titles))
     fig.update_layout(uirevision=f"panels-{info.image_id}")
-    st.plotly_chart(fig, key="review.panels", config=PLOTLY_CONFIG)
+    # Same study, same uirevision: a new opacity, window or Grad-CAM class keeps the view.
+    panel_chart.kept_view_chart(fig, key="review.panels", config=PLOTLY_CONFIG)
     st.caption("Scroll to zoom, drag to pan: all four panels move together. Double-click to reset.")
 
     if pred is None:

@@ -28,7 +28,7 @@ def upload(page: Page, *files: Path) -> None:
 
 
 def panels(page: Page) -> Locator:
-    return page.locator('[data-testid="stPlotlyChart"]').first
+    return page.locator(".st-key-review-panels")
 
 
 def expect_four_panels(page: Page) -> None:
@@ -40,7 +40,7 @@ def expect_four_panels(page: Page) -> None:
 
 def expect_probabilities(page: Page) -> None:
     expect(page.get_by_role("heading", name="Class probabilities")).to_be_visible()
-    bars = page.locator('[data-testid="stPlotlyChart"]').nth(1)
+    bars = page.locator(".st-key-review-probabilities")
     for name in ("COVID-19", "Non-COVID", "Normal"):
         expect(bars.get_by_text(name, exact=True).first).to_be_visible()
     expect(page.get_by_text(re.compile(r"Predicted: .+ \(\d+\.\d%\)"))).to_be_visible()
@@ -66,6 +66,8 @@ def test_upload_dicom_shows_four_panels_and_probabilities(new_page, shot, app_se
     shot(page, "review-dicom")
 
     # Zoom in the X-ray panel: the Grad-CAM panel follows (matched axes).
+    wait_idle(page)
+    expect(panels(page).locator(".js-plotly-plot")).to_have_attribute("aria-busy", "false")
     plot = panels(page).locator(".js-plotly-plot").element_handle()
     width = "(el, a) => el._fullLayout[a].range[1] - el._fullLayout[a].range[0]"
     full = page.evaluate(f"([el, a]) => ({width})(el, a)", [plot, "xaxis4"])
@@ -76,7 +78,9 @@ def test_upload_dicom_shows_four_panels_and_probabilities(new_page, shot, app_se
     page.wait_for_function(
         f"([el, full]) => ({width})(el, 'xaxis4') < 0.9 * full", arg=[plot, full]
     )
-    # Another window re-renders all panels from the stored raw pixels (no model run).
+    zoomed = page.evaluate(f"([el, a]) => ({width})(el, a)", [plot, "xaxis4"])
+    # Another window re-renders all panels from the stored raw pixels (no model run), in the
+    # same view (issue 16.4).
     first = panels(page).locator("g.imagelayer image").first
     before = first.get_attribute("href")
     select = page.locator('[data-testid="stSelectbox"]').filter(has_text="Window preset")
@@ -85,6 +89,10 @@ def test_upload_dicom_shows_four_panels_and_probabilities(new_page, shot, app_se
     expect(page.get_by_text(re.compile(r"Centre \d+, width \d+ \(raw units\)"))).to_be_visible()
     expect(first).not_to_have_attribute("href", before)
     expect(panels(page).locator("g.imagelayer image")).to_have_count(4)
+    wait_idle(page)
+    expect(panels(page).locator(".js-plotly-plot")).to_have_attribute("aria-busy", "false")
+    kept = panels(page).locator(".js-plotly-plot").evaluate(f"(el) => ({width})(el, 'xaxis4')")
+    assert abs(kept - zoomed) < 0.01 * full, (kept, zoomed, full)
     shot(page, "review-dicom-lung-window")
     page.get_by_role("heading", name="Class probabilities").scroll_into_view_if_needed()
     shot(page, "review-dicom-facts")
