@@ -179,7 +179,8 @@ def main() -> None:
     with notices:
         if head is not None and head.id != work.parent:
             st.warning(
-                f"{md_escape(head.author)} saved version {head.id} ({head.status}) at "
+                f"{md_escape(head.author)} saved version {head.id} "
+                f"({studies.STATUS_LABELS.get(head.status, head.status)}) at "
                 f"{fmt_time(head.created)}, after the version you are editing on. "
                 "Saving now will be refused; your edit would be kept as a conflict draft.",
                 icon=":material/sync_problem:",

@@ -108,7 +108,8 @@ def reading_section(info: studies.StudyInfo, pred: studies.PredictionView | None
                            f"({pred.predicted_class}).", icon=":material/compare_arrows:")
     if head is not None and head.id != base:
         st.warning(
-            f"{md_escape(head.author)} saved reading version {head.id} ({head.status}) at "
+            f"{md_escape(head.author)} saved reading version {head.id} "
+            f"({studies.STATUS_LABELS.get(head.status, head.status)}) at "
             f"{fmt_time(head.created)}, after the version your form started from. "
             "Saving now will be refused; your reading would be kept as a conflict draft.",
             icon=":material/sync_problem:",

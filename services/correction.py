@@ -133,7 +133,8 @@ def version_label(option: int | str, by_id: dict[int, studies.VersionInfo]) -> s
         return "Model's mask"
     v = by_id[int(option)]
     extra = " · conflict draft" if v.conflict else ""
-    return f"Version {v.id} · {v.status}{extra} · {v.author} · {fmt_time(v.created)}"
+    status = studies.STATUS_LABELS.get(v.status, v.status)  # "sent back", not "returned"
+    return f"Version {v.id} · {status}{extra} · {v.author} · {fmt_time(v.created)}"
 
 
 def approved_lock(

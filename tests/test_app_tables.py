@@ -90,3 +90,31 @@ def test_every_table_shows_missing_values_as_a_dash(app_env: str) -> None:
     assert not at.exception, at.exception
     assert at.dataframe[-1].proto.placeholder == display.MISSING
     assert {d.proto.placeholder for d in at.dataframe} == {display.MISSING}
+
+
+def test_a_sent_back_version_is_named_sent_back_not_returned(app_env: str) -> None:  # noqa: F811
+    """One status, one name: the version picker says "sent back", as the worklist does."""
+    at = run_app()
+    scope = scope_for(app_env)
+    with scope() as s:
+        study = min(r.image_id for r in worklist.worklist(s))
+        annotator = users.get_or_create_user(s, "Ann Sender", "annotator").id
+        radiologist = users.get_or_create_user(s, "Rad Returner", "radiologist").id
+    info = studies.study_info(scope, study)
+    mask = studies.stored_prediction(scope, study, studies.active_model(scope)).lung_mask.copy()
+    saved = studies.save_mask(scope, study, "infection", mask, annotator, "submitted", None)
+    assert saved.ok, saved.message
+    back = studies.review_head(
+        scope, study, "infection", radiologist, "return", saved.version_id, "redo the base"
+    )
+    assert back.ok, back.message
+    assert info.image_id == study
+
+    sign_in(at, "Ann Sender", "annotator")
+    at.switch_page("pages/correction.py").run()
+    at.selectbox(key="correction.study").set_value(study).run()
+    at.radio(key="correction.kind").set_value("infection").run()
+    assert not at.exception, at.exception
+    labels = at.selectbox(key="correction.view.infection").options
+    assert any("sent back" in label for label in labels), labels
+    assert not any("returned" in label for label in labels), labels
