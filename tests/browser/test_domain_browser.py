@@ -104,7 +104,7 @@ def test_out_of_domain_upload_is_warned_with_no_class_call(
     assert out or which == "rg1", "the photograph must be out of domain"
     page.get_by_test_id("stExpander").get_by_role("button", name="Review").click()
     expect(page.get_by_role("heading", name="Review")).to_be_visible()
-    panels = page.locator('[data-testid="stPlotlyChart"]').first
+    panels = page.locator(".st-key-review-panels")
     expect(panels.locator("g.imagelayer image")).to_have_count(4)  # masks shown either way
     alert = page.locator('[data-testid="stAlert"]').filter(has_text="Out of domain")
     if not out:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 from browser_helpers import wait_idle
+from correction_helpers import image_id
 from playwright.sync_api import Locator, Page, expect
-from test_app_browser import image_id
 
 pytestmark = pytest.mark.browser
 
