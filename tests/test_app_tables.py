@@ -118,3 +118,19 @@ def test_a_sent_back_version_is_named_sent_back_not_returned(app_env: str) -> No
     labels = at.selectbox(key="correction.view.infection").options
     assert any("sent back" in label for label in labels), labels
     assert not any("returned" in label for label in labels), labels
+
+
+def test_header_fields_and_the_models_chart_read_cleanly(app_env: str) -> None:  # noqa: F811
+    """Issue 16.9: the Review header summary names fields in words (no snake_case); the Models
+    chart's legend sits above the plot, clear of the axis title."""
+    import json
+
+    at = run_app("pages/review.py")
+    header = next(d.value for d in at.dataframe if list(d.value.columns) == ["Field", "Value"])
+    assert len(header) and not header["Field"].str.contains("_").any(), list(header["Field"])
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, at.exception
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    chart = next(s for s in specs if s["layout"].get("yaxis", {}).get("title", {}).get("text"))
+    legend = chart["layout"]["legend"]
+    assert legend["orientation"] == "h" and legend["y"] >= 1.0 and legend["yanchor"] == "bottom"
