@@ -134,3 +134,23 @@ def test_header_fields_and_the_models_chart_read_cleanly(app_env: str) -> None: 
     chart = next(s for s in specs if s["layout"].get("yaxis", {}).get("title", {}).get("text"))
     legend = chart["layout"]["legend"]
     assert legend["orientation"] == "h" and legend["y"] >= 1.0 and legend["yanchor"] == "bottom"
+
+
+def test_one_study_is_counted_as_one_study(
+    tmp_path: Path, random_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16.9: "1 of 1 study", not "1 studies"."""
+    import shutil
+
+    import probe_inputs as probe
+
+    samples = tmp_path / "samples" / "Normal"
+    samples.mkdir(parents=True)
+    shutil.copy(probe.SAMPLES / "Normal" / "normal_1.png", samples)
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'one.sqlite'}")
+    monkeypatch.setenv("INFMAP_CHECKPOINT", str(random_checkpoint))
+    monkeypatch.setenv("INFMAP_SAMPLES_DIR", str(tmp_path / "samples"))
+    monkeypatch.delenv("INFMAP_DATA_DIR", raising=False)
+    at = run_app()
+    captions = [c.value for c in at.caption]
+    assert "1 of 1 study" in captions, captions
