@@ -44,6 +44,30 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_decay_at(updates: int, decay: float) -> float:
+    """The EMA decay after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``.
+
+    A fixed decay from the first step keeps the random initial weights in the average for
+    thousands of steps (0.998**466 = 0.39 after two epochs here), and a mix of random and trained
+    weights predicts nothing: a from-scratch run validated lung Dice 0 for two epochs. With the
+    warm-up the average follows the model early and settles to ``decay`` later.
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
+def ema_with_warmup(
+    decay: float,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+    """``avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: EMA with :func:`ema_decay_at`."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor,
+                updates: torch.Tensor | int) -> torch.Tensor:
+        d = ema_decay_at(int(updates), decay)
+        return averaged * d + current * (1.0 - d)
+
+    return average
+
+
 def train_step(
     model: torch.nn.Module,  # an InfMapNet, or DistributedDataParallel around one
     optimizer: torch.optim.Optimizer,

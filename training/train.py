@@ -41,7 +41,7 @@ from training.augment import AUGMENTATIONS
 from training.data import SplitArrays, load_split, to_tensors
 from training.eval_metrics import split_scores
 from training.evaluate import predict_arrays
-from training.loop import NATIVE_BF16, lr_at, train_step
+from training.loop import NATIVE_BF16, ema_with_warmup, lr_at, train_step
 from training.losses import MultiTaskLoss
 
 DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4.0)"
@@ -131,7 +131,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = model.to(memory_format=torch.channels_last)
     ema = (
         torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema),
+            model, avg_fn=ema_with_warmup(args.ema),
             use_buffers=True,
         )
         if args.ema
