@@ -15,7 +15,13 @@ from typing import Any
 
 from database import reading_versions, versioning
 from services.ingest import SessionFactory
-from services.studies import STATUS_LABELS, SaveOutcome, _audit, save_version, signed_in_user
+from services.mask_versions import (
+    STATUS_LABELS,
+    SaveOutcome,
+    audit_save,
+    save_version,
+    signed_in_user,
+)
 from settings import READING_CLASSES, READING_LABELS
 
 # How each label reads on screen (the stored value is the key).
@@ -160,7 +166,7 @@ def change_reading_status(
                     session, image_id, reviewer, status, base_version_id, comment,
                 )
                 done = int(version.id)
-                _audit(session, status, reviewer, image_id, f"reading version {done}")
+                audit_save(session, status, reviewer, image_id, f"reading version {done}")
             word = "Reading approved" if status == "approved" else "Reading sent back"
             return SaveOutcome(True, done, f"{word}: version {done}.")
         if status != "submitted":
@@ -183,7 +189,7 @@ def change_reading_status(
                 session, image_id, author, base_version_id
             )
             done = int(version.id)
-            _audit(session, "submitted", author, image_id, f"reading version {done}")
+            audit_save(session, "submitted", author, image_id, f"reading version {done}")
         return SaveOutcome(True, done, f"Reading submitted for review: version {done}.")
     except versioning.StaleVersionError as exc:
         return SaveOutcome(False, None, str(exc))
