@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from accounts import ensure_account
 from app_helpers import run_app, scope_for, sign_in
 
 from database import users, worklist
@@ -96,10 +97,13 @@ def test_a_sent_back_version_is_named_sent_back_not_returned(app_env: str) -> No
     """One status, one name: the version picker says "sent back", as the worklist does."""
     at = run_app()
     scope = scope_for(app_env)
+    # Accounts with passwords, as an admin makes them: the annotator signs in below.
+    ensure_account(app_env, "Ann Sender", "annotator")
+    ensure_account(app_env, "Rad Returner", "radiologist")
     with scope() as s:
         study = min(r.image_id for r in worklist.worklist(s))
-        annotator = users.get_or_create_user(s, "Ann Sender", "annotator").id
-        radiologist = users.get_or_create_user(s, "Rad Returner", "radiologist").id
+        annotator = users.get_user(s, "Ann Sender").id
+        radiologist = users.get_user(s, "Rad Returner").id
     info = studies.study_info(scope, study)
     mask = studies.stored_prediction(scope, study, studies.active_model(scope)).lung_mask.copy()
     saved = studies.save_mask(scope, study, "infection", mask, annotator, "submitted", None)
