@@ -132,17 +132,51 @@ def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
     sidebar.get_by_role("button", name="Sign in").click()
 
 
-def sign_in(page, name: str, role: str = "annotator") -> None:  # noqa: ANN001
-    """Create the account (in the newest server's database) and sign in with it."""
+def _sign_ins(database_url: str, name: str) -> int:
+    """How many sign-ins of ``name`` the audit trail holds."""
+    from database import audit
+    from database.session import make_engine, session_scope
+
+    engine = make_engine(database_url)
+    try:
+        with session_scope(engine, write=False) as s:
+            where = audit.EventFilter(user_name=name, actions=("sign-in",))
+            return len(audit.list_events(s, where))
+    finally:
+        engine.dispose()
+
+
+def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None:  # noqa: ANN001
+    """Create the account (in the database of the server the page is on) and sign in.
+
+    On the Correction page the canvas reports its value once it has loaded, a rerun that can
+    swallow a Sign in click sent at that moment (the form stays, nothing happens). A user then
+    clicks again, and so does this helper, but only once the audit trail shows the click was
+    not taken: a sign-in recorded while the screen shows the form is the defect this guards."""
     from playwright.sync_api import expect
 
-    # The account goes into the database of the server this page is on (tests that start
-    # their own servers run in any order beside the session's one).
-    server = next((s for s in reversed(_SERVERS) if page.url.startswith(s.url)), _SERVERS[-1])
+    server = next((s for s in reversed(_SERVERS) if page.url.startswith(s.url + "/")
+                   or page.url == s.url), _SERVERS[-1])
     ensure_account(server.database_url, name, role)
-    fill_sign_in(page, name, TEST_PASSWORD)
     sidebar = page.locator('[data-testid="stSidebar"]')
-    expect(sidebar.get_by_text(f"Signed in as {name}")).to_be_visible()
+    signed_in = sidebar.get_by_text(f"Signed in as {name}")
+    for attempt in range(1, attempts + 1):
+        before = _sign_ins(server.database_url, name)
+        fill_sign_in(page, name, TEST_PASSWORD)
+        try:
+            expect(signed_in).to_be_visible(timeout=20_000)
+            return
+        except AssertionError as exc:
+            wait_idle(page)
+            if signed_in.is_visible():
+                return
+            state = page.locator('[data-testid="stApp"]').get_attribute("data-test-script-state")
+            if _sign_ins(server.database_url, name) != before:
+                raise AssertionError(f"{name} is signed in by the audit trail, but the page "
+                                     f"shows {sidebar.inner_text()!r}") from exc
+            if attempt == attempts:
+                raise AssertionError(f"Sign in not taken {attempts} times: script {state!r}, "
+                                     f"sidebar {sidebar.inner_text()!r}") from exc
 
 
 def go_to(page, title: str) -> None:  # noqa: ANN001
