@@ -204,6 +204,14 @@ MUTATIONS: dict[str, Mutation] = {
     "repeat_chunk": repeat_chunk, "dicom_header": dicom_header, "dicom_syntax": dicom_syntax,
     "dicom_short_pixels": dicom_short_pixels, "png_dimensions": png_dimensions,
 }
+_BYTES = ["flip_bits", "truncate", "overwrite", "repeat_chunk"]
+_FOR_KIND = {"png": [*_BYTES, "png_dimensions"], "jpeg": _BYTES,
+             "dicom": [*_BYTES, "dicom_header", "dicom_syntax", "dicom_short_pixels"]}
+
+
+def mutations_for(seed_name: str) -> list[str]:
+    """The mutations that apply to a seed ("png:...", "jpeg", "dicom:...")."""
+    return _FOR_KIND[seed_name.split(":")[0]]
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -229,6 +237,8 @@ class Tally:
             "by_mutation": {m: dict(Counter(o.result for o in self.outcomes if o.mutation == m))
                             for m in sorted({o.mutation for o in self.outcomes})},
             "max_seconds": round(max(seconds, default=0.0), 3),
+            "slowest": [(o.seed, o.mutation, o.result, round(o.seconds, 2))
+                        for o in sorted(self.outcomes, key=lambda o: -o.seconds)[:5]],
             "p95_seconds": round(float(np.percentile(seconds, 95)) if seconds else 0.0, 3),
             "budget_seconds": settings.decode_seconds(),
         }
@@ -259,11 +269,12 @@ def run(cases: int, seed: int, progress: bool = False) -> Tally:
     # The full-size DICOM seeds decode slowly: most DICOM cases use the small copy.
     weights = np.array([0.15 if n in ("dicom:rg1", "dicom:rg1-j2k") else 1.0 for n in names])
     weights /= weights.sum()
-    mutations = [*MUTATIONS, "png_bomb"]
     tally = Tally()
     for i in range(cases):
         name = names[int(rng.choice(len(names), p=weights))]
-        mutation = "png_bomb" if i % 500 == 499 else mutations[int(rng.integers(0, len(MUTATIONS)))]
+        applicable = mutations_for(name)
+        mutation = ("png_bomb" if i % 500 == 499
+                    else applicable[int(rng.integers(0, len(applicable)))])
         tally.outcomes.append(run_case(name, files[name], mutation, rng))
         if progress and (i + 1) % 100 == 0:
             print(f"{i + 1}/{cases}: {tally.summary()['results']}", flush=True)
