@@ -26,6 +26,10 @@ Environment variables (all optional):
 - ``INFMAP_SESSION_MINUTES``  idle minutes after which a signed-in user is signed out (default 30)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
+- ``INFMAP_ENGINE``       the forward pass of ``inference.predict``: ``torch`` (default) or
+                          ``onnx`` (ONNX Runtime, ``inference.onnx_engine``; falls back to torch
+                          with a warning when the ONNX file cannot be built)
+- ``INFMAP_ONNX_CACHE``   where exported ONNX files are kept (default ``<repo>/.cache/onnx``)
 - ``STREAMLIT_SERVER_MAX_UPLOAD_SIZE``  Streamlit's own override of ``server.maxUploadSize`` in
                           ``.streamlit/config.toml``: the one upload limit (MB), which the
                           loader applies to every file too
@@ -53,6 +57,8 @@ STREAMLIT_CONFIG = REPO_ROOT / ".streamlit" / "config.toml"
 STREAMLIT_DEFAULT_UPLOAD_MB = 200  # Streamlit's default when server.maxUploadSize is not set
 DEFAULT_DECODE_SECONDS = 60.0  # RG1 (3.6 MP JPEG 2000) reads in ~1 s on a busy 2-core machine
 DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at ~1.7 GB
+DEFAULT_ONNX_CACHE = REPO_ROOT / ".cache" / "onnx"
+INFERENCE_ENGINES: tuple[str, ...] = ("torch", "onnx")
 
 # ----------------------------------------------------------------------------- vocabulary
 ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher", "admin")
@@ -163,6 +169,21 @@ def decode_seconds() -> float:
 
 def decode_memory_mb() -> float:
     return float(_env("INFMAP_DECODE_MEMORY_MB") or DEFAULT_DECODE_MEMORY_MB)
+
+
+def inference_engine() -> str:
+    """``INFMAP_ENGINE``: which runtime serves the forward pass (``INFERENCE_ENGINES``)."""
+    value = (_env("INFMAP_ENGINE") or "torch").strip().lower()
+    if value not in INFERENCE_ENGINES:
+        choices = ", ".join(INFERENCE_ENGINES)
+        raise ValueError(f"INFMAP_ENGINE must be one of {choices}, not {value!r}")
+    return value
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported ONNX files are kept, one per checkpoint (``INFMAP_ONNX_CACHE``)."""
+    override = _env("INFMAP_ONNX_CACHE")
+    return Path(override).expanduser().resolve() if override else DEFAULT_ONNX_CACHE
 
 
 def upload_limit_mb(config_path: Path = STREAMLIT_CONFIG) -> int:

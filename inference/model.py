@@ -166,6 +166,8 @@ class LoadedModel:
     path: Path | None
     sha256: str | None
     calibration: Calibration = field(default_factory=Calibration)
+    # Other runtimes of the same network, built on first use (inference.onnx_engine.forward_pass)
+    engines: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def version(self) -> str:

@@ -23,6 +23,7 @@ from inference.calibration import (
 )
 from inference.gradcam import cam_from_features, upsample_cam
 from inference.model import LoadedModel
+from inference.onnx_engine import forward_pass
 from inference.preprocess import preprocess
 from inference.severity import severity as score_severity
 
@@ -153,8 +154,9 @@ def predict(
     timings["preprocess"] = (t1 - t0) * 1000
 
     calibration = model.calibration
+    forward = forward_pass(model)  # torch or ONNX Runtime (INFMAP_ENGINE), same outputs
     with torch.inference_mode():
-        out = net.forward_all(tensor)
+        out = forward(tensor)
         features = out.head_map
         seg_prob = torch.sigmoid(out.masks[0].float()).cpu().numpy()
         class_prob = class_probabilities(out.logits[0], calibration).cpu().numpy()

@@ -1,0 +1,166 @@
+"""Forward pass and pipeline on torch float32, torch bf16 autocast and ONNX Runtime (issue 13.5).
+
+    python -m benchmarks.inference_engine [--checkpoint PATH] [--repeat N] [--threads 1 2]
+
+In one process, for each thread count (torch.set_num_threads and ONNX Runtime's intra-op threads
+set alike): the model forward at 256x256 batch 1 (median ms over N interleaved runs after a
+warm-up), batch throughput at batch 8 (images/s), and the whole ``predict`` on a bundled sample
+PNG and on the RG1 DICOM (decoded once beforehand) with ``INFMAP_ENGINE`` torch and onnx. Ratios
+are against torch float32 of the same run. The ONNX file is built in the usual cache
+(``settings.onnx_cache_dir``) if it is not there. Writes benchmarks/results/inference_engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import settings
+from inference.loading import XRay, load_xray
+from inference.model import DEFAULT_CHECKPOINT, LoadedModel, load_checkpoint
+from inference.onnx_engine import OnnxEngine
+from inference.predict import predict
+
+RESULTS = settings.REPO_ROOT / "benchmarks" / "results" / "inference_engine.json"
+SAMPLE_PNG = settings.SAMPLES_DIR / "COVID-19" / "covid_1579.png"
+FORWARD_ENGINES = ("torch_fp32", "torch_bf16_autocast", "onnxruntime")
+
+
+def rg1_path() -> Path | None:
+    try:
+        from data_store import DataStore  # pydicom-data's own locator
+
+        return Path(DataStore().data_path) / "RG1_UNCR.dcm"
+    except Exception:
+        return None
+
+
+def _median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up (first-run allocations, ONNX Runtime's arena)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def forward_fns(
+    model: LoadedModel, engine: OnnxEngine, x: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    net = model.model
+
+    def fp32() -> object:
+        with torch.inference_mode():
+            return net.forward_all(x)
+
+    def bf16() -> object:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return net.forward_all(x)
+
+    return {"torch_fp32": fp32, "torch_bf16_autocast": bf16,
+            "onnxruntime": lambda: engine.forward_all(x)}
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms per function, the functions taking turns so a busy machine hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def pipeline_ms(model: LoadedModel, xray: XRay, engine: str, repeat: int) -> float:
+    os.environ["INFMAP_ENGINE"] = engine
+    try:
+        return _median_ms(lambda: predict(xray, model), repeat)
+    finally:
+        os.environ.pop("INFMAP_ENGINE", None)
+
+
+def run(checkpoint: Path, threads: list[int], repeat: int) -> dict[str, Any]:
+    model = load_checkpoint(checkpoint)
+    size = model.config.input_size
+    rng = np.random.default_rng(0)
+    x1 = torch.from_numpy(rng.standard_normal((1, 1, size, size), dtype=np.float32))
+    x8 = torch.from_numpy(rng.standard_normal((8, 1, size, size), dtype=np.float32))
+    t0 = time.perf_counter()
+    OnnxEngine.for_model(model)  # export into the cache if it is not there yet
+    build_s = time.perf_counter() - t0
+    inputs = {"sample_png_256": load_xray(SAMPLE_PNG)}
+    rg1 = rg1_path()
+    if rg1 is not None and rg1.is_file():
+        inputs["rg1_dicom_1955x1841"] = load_xray(rg1)
+
+    per_threads: dict[str, Any] = {}
+    for t in threads:
+        torch.set_num_threads(t)
+        engine = OnnxEngine.for_model(model, threads=t)
+        model.engines["onnx"] = engine  # what predict uses under INFMAP_ENGINE=onnx
+        fwd = time_interleaved(forward_fns(model, engine, x1), repeat)
+        batch_ms = time_interleaved(forward_fns(model, engine, x8), max(3, repeat // 4))
+        throughput = {name: 8000.0 / ms for name, ms in batch_ms.items()}
+        pipe = {
+            name: {e: pipeline_ms(model, xray, e, max(3, repeat // 4)) for e in ("torch", "onnx")}
+            for name, xray in inputs.items()
+        }
+        per_threads[str(t)] = {
+            "forward_256_batch1_ms": fwd,
+            "forward_ratio_vs_torch_fp32": {k: fwd["torch_fp32"] / v for k, v in fwd.items()},
+            "batch8_images_per_s": throughput,
+            "batch8_ratio_vs_torch_fp32": {
+                k: v / throughput["torch_fp32"] for k, v in throughput.items()
+            },
+            "predict_ms": pipe,
+        }
+        print(f"threads={t}: forward ms {fwd}; batch-8 images/s {throughput}; predict ms {pipe}")
+
+    return {
+        "benchmark": "inference_engine",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "checkpoint": checkpoint.name,
+        "model_version": model.version,
+        "input": f"1x1x{size}x{size} float32 (random normal; forward cost does not depend on it)",
+        "repeat": repeat,
+        "onnx_first_build_s": round(build_s, 2),
+        "versions": {p: importlib.metadata.version(p) for p in ("torch", "onnxruntime", "onnx")},
+        "machine": f"{platform.machine()} {os.cpu_count()} cores; shared with a training "
+                   "evaluation running in the background (absolute figures are pessimistic, "
+                   "ratios are from interleaved runs)",
+        "threads": per_threads,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=settings.cli_path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=settings.cli_path, default=RESULTS)
+    args = parser.parse_args(argv)
+    result = run(args.checkpoint, args.threads, args.repeat)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
