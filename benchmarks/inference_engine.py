@@ -5,7 +5,8 @@
 In one process, for each thread count (torch.set_num_threads and ONNX Runtime's intra-op threads
 set alike): the model forward at 256x256 batch 1 (median ms over N interleaved runs after a
 warm-up), batch throughput at batch 8 (images/s), and the whole ``predict`` on a bundled sample
-PNG and on the RG1 DICOM (decoded once beforehand) with ``INFMAP_ENGINE`` torch and onnx. Ratios
+PNG and on the RG1 DICOM (decoded once beforehand) with ``INFMAP_ENGINE`` torch and onnx; OpenVINO
+(float32, on the same ONNX file) too when it is installed. Ratios
 are against torch float32 of the same run. The ONNX file is built in the usual cache
 (``settings.onnx_cache_dir``) if it is not there. Writes benchmarks/results/inference_engine.json.
 """
@@ -57,8 +58,38 @@ def _median_ms(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+def openvino_forward(onnx_file: Path, threads: int) -> Callable[[np.ndarray], list] | None:
+    """OpenVINO on the same ONNX file, float32 (its default on a bf16 CPU would be bf16);
+    None when OpenVINO is not installed (it is measured here, not used by the app)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.Core().compile_model(
+        str(onnx_file), "CPU",
+        {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"},
+    )
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> list:
+        result = request.infer({0: x})
+        return [result[out] for out in compiled.outputs]
+
+    return run
+
+
+def max_abs_diff(model: LoadedModel, run: Callable[[np.ndarray], list], x: torch.Tensor) -> dict:
+    """Largest |difference| to torch float32 per output (masks, logits, head_map, embedding)."""
+    with torch.inference_mode():
+        want = model.model.forward_all(x)
+    got = run(x.numpy())
+    return {name: float(np.abs(np.asarray(g) - w.numpy()).max())
+            for name, g, w in zip(want._fields, got, want, strict=True)}
+
+
 def forward_fns(
-    model: LoadedModel, engine: OnnxEngine, x: torch.Tensor
+    model: LoadedModel, engine: OnnxEngine, x: torch.Tensor,
+    openvino: Callable[[np.ndarray], list] | None,
 ) -> dict[str, Callable[[], object]]:
     net = model.model
 
@@ -70,8 +101,13 @@ def forward_fns(
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             return net.forward_all(x)
 
-    return {"torch_fp32": fp32, "torch_bf16_autocast": bf16,
-            "onnxruntime": lambda: engine.forward_all(x)}
+    fns: dict[str, Callable[[], object]] = {
+        "torch_fp32": fp32, "torch_bf16_autocast": bf16,
+        "onnxruntime": lambda: engine.forward_all(x)}
+    if openvino is not None:
+        xn = x.numpy()
+        fns["openvino_fp32"] = lambda: openvino(xn)
+    return fns
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
@@ -114,8 +150,10 @@ def run(checkpoint: Path, threads: list[int], repeat: int) -> dict[str, Any]:
         torch.set_num_threads(t)
         engine = OnnxEngine.for_model(model, threads=t)
         model.engines["onnx"] = engine  # what predict uses under INFMAP_ENGINE=onnx
-        fwd = time_interleaved(forward_fns(model, engine, x1), repeat)
-        batch_ms = time_interleaved(forward_fns(model, engine, x8), max(3, repeat // 4))
+        session = engine.session
+        openvino = openvino_forward(engine.path, t)
+        fwd = time_interleaved(forward_fns(model, engine, x1, openvino), repeat)
+        batch_ms = time_interleaved(forward_fns(model, engine, x8, openvino), max(3, repeat // 4))
         throughput = {name: 8000.0 / ms for name, ms in batch_ms.items()}
         pipe = {
             name: {e: pipeline_ms(model, xray, e, max(3, repeat // 4)) for e in ("torch", "onnx")}
@@ -129,6 +167,11 @@ def run(checkpoint: Path, threads: list[int], repeat: int) -> dict[str, Any]:
                 k: v / throughput["torch_fp32"] for k, v in throughput.items()
             },
             "predict_ms": pipe,
+            "max_abs_diff_vs_torch_fp32": {
+                "onnxruntime": max_abs_diff(
+                    model, lambda a, s=session: s.run(None, {"image": a}), x8),
+                **({"openvino_fp32": max_abs_diff(model, openvino, x8)} if openvino else {}),
+            },
         }
         print(f"threads={t}: forward ms {fwd}; batch-8 images/s {throughput}; predict ms {pipe}")
 
@@ -140,12 +183,19 @@ def run(checkpoint: Path, threads: list[int], repeat: int) -> dict[str, Any]:
         "input": f"1x1x{size}x{size} float32 (random normal; forward cost does not depend on it)",
         "repeat": repeat,
         "onnx_first_build_s": round(build_s, 2),
-        "versions": {p: importlib.metadata.version(p) for p in ("torch", "onnxruntime", "onnx")},
+        "versions": {p: _version(p) for p in ("torch", "onnxruntime", "onnx", "openvino")},
         "machine": f"{platform.machine()} {os.cpu_count()} cores; shared with a training "
                    "evaluation running in the background (absolute figures are pessimistic, "
                    "ratios are from interleaved runs)",
         "threads": per_threads,
     }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

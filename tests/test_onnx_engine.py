@@ -7,6 +7,7 @@ cases and the RG1 chest DICOM: masks Dice >= 0.999 against torch's, class probab
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from dicom_samples import pydicom_data_file
 
 import settings
 from inference import onnx_engine
+from inference.batch import main as batch_main
 from inference.loading import load_xray
 from inference.model import LoadedModel, load_checkpoint
 from inference.onnx_engine import OnnxEngine, forward_pass, onnx_path
@@ -131,6 +133,38 @@ def test_falls_back_to_torch_when_export_fails(
     assert forward_pass(model) == model.model.forward_all
     assert "ONNX engine unavailable" in caplog.text
     assert "smith" not in caplog.text and CASES[0].name not in caplog.text
+
+
+def _batch_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_batch_cli_under_onnx_gives_torchs_rows(
+    onnx_model: LoadedModel, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch CLI reads INFMAP_ENGINE too: same classes and severities, probabilities 1e-3."""
+    caplog.set_level(logging.WARNING, logger="inference.onnx_engine")
+    cached = sorted(cache_dir.iterdir())
+    assert onnx_path(onnx_model, cache_dir) in cached
+    monkeypatch.setenv("INFMAP_ONNX_CACHE", str(cache_dir))  # the export made above: no rebuild
+    files = [str(p) for p in CASES]
+    runs = {}
+    for engine in ("torch", "onnx"):
+        monkeypatch.setenv("INFMAP_ENGINE", engine)
+        assert batch_main([*files, "--out", str(tmp_path / engine)]) == 0
+        runs[engine] = _batch_rows(tmp_path / engine)
+    assert len(runs["onnx"]) == len(CASES)
+    for got, want in zip(runs["onnx"], runs["torch"], strict=True):
+        assert not got["error"] and not want["error"]
+        assert (got["file"], got["predicted_class"], got["severity"]) == (
+            want["file"], want["predicted_class"], want["severity"])
+        for column in ("p_covid19", "p_non_covid", "p_normal"):
+            assert abs(float(got[column]) - float(want[column])) <= PROB_TOL
+    # ONNX really served it (no fallback to torch) from the file already in the cache
+    assert "ONNX engine unavailable" not in caplog.text
+    assert sorted(cache_dir.iterdir()) == cached
 
 
 def test_unknown_engine_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
