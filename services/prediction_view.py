@@ -13,6 +13,7 @@ import torch
 from database import predictions
 from inference.gradcam import gradcam
 from inference.model import LoadedModel
+from inference.onnx_engine import forward_pass
 from inference.predict import infection_percentages
 from inference.preprocess import preprocess
 from inference.severity import SCALE_NAME, severity
@@ -127,7 +128,8 @@ def calibration_note(temperature: float | None, covid_threshold: float | None) -
 
 def gradcam_for(pixels: np.ndarray, model: LoadedModel, class_name: str) -> np.ndarray:
     """Grad-CAM of ``class_name`` on the original grid, as ``inference.predict`` computes it
-    (``forward_with_features`` + ``inference.gradcam.gradcam``) for a class of the user's choice."""
+    (the forward pass under ``INFMAP_ENGINE`` + ``inference.gradcam.gradcam``) for a class of the
+    user's choice."""
     config = model.config
     names = list(config.class_names)
     if class_name not in names:
@@ -138,8 +140,9 @@ def gradcam_for(pixels: np.ndarray, model: LoadedModel, class_name: str) -> np.n
     x, box = preprocess(pixels, config.input_size, config.norm_mean, config.norm_std)
     param = next(net.parameters())
     tensor = torch.from_numpy(x)[None, None].to(device=param.device, dtype=param.dtype)
+    forward = forward_pass(model)  # torch or ONNX Runtime: the same head feature map
     with torch.inference_mode():
-        _, _, features = net.forward_with_features(tensor)
+        features = forward(tensor).head_map
     return gradcam(net, features, names.index(class_name), box)
 
 

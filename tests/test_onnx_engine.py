@@ -23,6 +23,7 @@ from inference.loading import load_xray
 from inference.model import LoadedModel, load_checkpoint
 from inference.onnx_engine import OnnxEngine, forward_pass, onnx_path
 from inference.predict import Prediction, predict
+from services.prediction_view import gradcam_for
 
 DICE_MIN = 0.999
 PROB_TOL = 1e-3
@@ -86,6 +87,20 @@ def test_onnx_predictions_match_torch(
     monkeypatch.setenv("INFMAP_ENGINE", "onnx")
     assert forward_pass(onnx_model) == onnx_model.engines["onnx"].forward_all  # really ONNX
     assert_same_prediction(predict(xray, onnx_model), want)
+
+
+@pytest.mark.parametrize("class_name", ["COVID-19", "Normal"])
+def test_cam_of_a_chosen_class_matches_torch(
+    class_name: str, shipped: LoadedModel, onnx_model: LoadedModel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page's CAM for a class the user picks (services.prediction_view) under ONNX."""
+    pixels = load_xray(CASES[-1]).pixels  # RG1
+    monkeypatch.setenv("INFMAP_ENGINE", "torch")
+    want = gradcam_for(pixels, shipped, class_name)
+    monkeypatch.setenv("INFMAP_ENGINE", "onnx")
+    got = gradcam_for(pixels, onnx_model, class_name)
+    assert np.abs(got - want).max() <= 1e-3 and want.max() > 0
 
 
 def test_another_checkpoints_engine_is_told_apart(
