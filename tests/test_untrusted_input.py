@@ -170,15 +170,6 @@ def test_served_as_a_product_not_a_dev_server() -> None:
     assert config["server"]["enableXsrfProtection"] is True
     assert config["server"]["enableCORS"] is True
 
-def test_one_script_run_per_session_at_a_time() -> None:
-    """fastReruns off: with it on, a click during the sign-in check started a second run beside
-    the first (two script threads in one session in the server's debug log) that drew the page
-    without the sign-in, while the audit trail recorded it."""
-    with open(settings.STREAMLIT_CONFIG, "rb") as fh:
-        config = tomllib.load(fh)
-    assert config["runner"]["fastReruns"] is False
-
-
 
 def test_no_page_renders_html() -> None:
     """User and file text is shown through services.text.md_escape, never as HTML."""

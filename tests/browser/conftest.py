@@ -122,8 +122,8 @@ def shot(request: pytest.FixtureRequest):  # noqa: ANN201
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The two-server tests last, after any random order. When they ran first, later correction
-    tests often found the page stale: the server's log shows the run after Sign in rendering
-    "Signed in as ..." (and the audit trail has the sign-in), while Chromium kept showing the
-    form. Not yet understood (not the shared Chromium, not PostgreSQL); see issue 13's note."""
+    """The two-server tests last, after any random order: when they ran first, later correction
+    tests often saw the page stop following the server (the server's log shows the run after
+    Sign in rendering "Signed in as ...", the audit trail has the sign-in, Chromium keeps the
+    form). Not the shared Chromium and not PostgreSQL; not understood yet (see issue 13's note)."""
     items.sort(key=lambda item: "test_two_servers.py" in item.nodeid)  # stable: others keep order
