@@ -149,10 +149,11 @@ def _sign_ins(database_url: str, name: str) -> int:
 def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None:  # noqa: ANN001
     """Create the account (in the database of the server the page is on) and sign in.
 
-    On the Correction page the canvas reports its value once it has loaded, a rerun that can
-    swallow a Sign in click sent at that moment (the form stays, nothing happens). A user then
-    clicks again, and so does this helper, but only once the audit trail shows the click was
-    not taken: a sign-in recorded while the screen shows the form is the defect this guards."""
+    A Sign in click sent while another rerun is under way (on the Correction page the canvas
+    reports its value once loaded) was seen to be lost: the form stays, nothing is recorded. A
+    user then clicks again, and so does this helper, but only once the audit trail shows the
+    click was not taken: a sign-in recorded while the screen shows the form is a defect (the
+    page no longer following the server; see issue 13's note) and fails here."""
     from playwright.sync_api import expect
 
     server = next((s for s in reversed(_SERVERS) if page.url.startswith(s.url + "/")
