@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import struct
+import sys
 import time
 import zlib
 from collections import Counter
@@ -53,14 +54,11 @@ Mutation = Callable[[bytes, np.random.Generator], bytes]
 
 
 # ------------------------------------------------------------------------------------- seeds
-def _pydicom_data_file(name: str) -> Path:
-    from data_store import DataStore  # pydicom-data's own locator (installed by requirements)
-
-    return Path(DataStore().data_path) / name
-
-
 def seeds() -> dict[str, bytes]:
     """Real files to mutate, by a short name (PNG, JPEG, DICOM)."""
+    sys.path.insert(0, str(settings.REPO_ROOT / "tests"))
+    from dicom_samples import pydicom_data_file  # the tests' locator of pydicom-data's files
+
     out: dict[str, bytes] = {}
     pngs = [sorted(folder.glob("*.png"))[0]
             for folder in sorted(Path(settings.SAMPLES_DIR).iterdir()) if folder.is_dir()]
@@ -70,9 +68,9 @@ def seeds() -> dict[str, bytes]:
     ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     out["jpeg"] = jpeg.tobytes()
-    rg1 = _pydicom_data_file("RG1_UNCR.dcm")
+    rg1 = pydicom_data_file("RG1_UNCR.dcm")
     out["dicom:rg1"] = rg1.read_bytes()
-    out["dicom:rg1-j2k"] = _pydicom_data_file("RG1_J2KR.dcm").read_bytes()
+    out["dicom:rg1-j2k"] = pydicom_data_file("RG1_J2KR.dcm").read_bytes()
     out["dicom:rg1-small"] = _small_dicom(rg1)
     return out
 

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -40,11 +41,12 @@ FORWARD_ENGINES = ("torch_fp32", "torch_bf16_autocast", "onnxruntime")
 
 
 def rg1_path() -> Path | None:
-    try:
-        from data_store import DataStore  # pydicom-data's own locator
+    sys.path.insert(0, str(settings.REPO_ROOT / "tests"))
+    from dicom_samples import pydicom_data_file  # the tests' locator of pydicom-data's files
 
-        return Path(DataStore().data_path) / "RG1_UNCR.dcm"
-    except Exception:
+    try:
+        return pydicom_data_file("RG1_UNCR.dcm")
+    except FileNotFoundError:
         return None
 
 

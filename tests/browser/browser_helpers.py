@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -107,18 +110,26 @@ _SERVERS: list[AppServer] = []  # the servers started, newest last (their accoun
 TEST_PASSWORD = "browser-password-1234"
 
 
-def ensure_account(database_url: str, name: str, role: str, password: str = TEST_PASSWORD) -> None:
-    """The account ``name`` with ``role`` in the app's database (as an admin would make it)."""
-    from database import users
+@contextmanager
+def database_session(database_url: str, write: bool = True) -> Iterator[Any]:
+    """A session in one transaction on an app server's database, its engine disposed after."""
     from database.session import make_engine, session_scope
 
     engine = make_engine(database_url)
     try:
-        with session_scope(engine) as s:
-            if users.get_user(s, name) is None:
-                users.create_user(s, name, role, password, by=None)
+        with session_scope(engine, write=write) as s:
+            yield s
     finally:
         engine.dispose()
+
+
+def ensure_account(database_url: str, name: str, role: str, password: str = TEST_PASSWORD) -> None:
+    """The account ``name`` with ``role`` in the app's database (as an admin would make it)."""
+    from database import users
+
+    with database_session(database_url) as s:
+        if users.get_user(s, name) is None:
+            users.create_user(s, name, role, password, by=None)
 
 
 def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
@@ -135,15 +146,9 @@ def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
 def _sign_ins(database_url: str, name: str) -> int:
     """How many sign-ins of ``name`` the audit trail holds."""
     from database import audit
-    from database.session import make_engine, session_scope
 
-    engine = make_engine(database_url)
-    try:
-        with session_scope(engine, write=False) as s:
-            where = audit.EventFilter(user_name=name, actions=("sign-in",))
-            return len(audit.list_events(s, where))
-    finally:
-        engine.dispose()
+    with database_session(database_url, write=False) as s:
+        return len(audit.list_events(s, audit.EventFilter(user_name=name, actions=("sign-in",))))
 
 
 def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None:  # noqa: ANN001

@@ -8,24 +8,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from browser_helpers import AppServer, sign_in, wait_idle
+from browser_helpers import AppServer, database_session, sign_in, wait_idle
 from playwright.sync_api import Locator, Page, expect
 from sqlalchemy.orm import Session
 
 from database import annotation_versions, model_versions, predictions, worklist
-from database.session import make_engine, session_scope
 
 
 # ----------------------------------------------------------------------------- the database
 @contextmanager
 def read_db(server: AppServer) -> Iterator[Session]:
     """A read-only session on the app server's database (as the app wrote it)."""
-    engine = make_engine(server.database_url)
-    try:
-        with session_scope(engine, write=False) as s:
-            yield s
-    finally:
-        engine.dispose()
+    with database_session(server.database_url, write=False) as s:
+        yield s
 
 
 def image_id(server: AppServer, display_name: str) -> int:
