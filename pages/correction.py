@@ -45,6 +45,11 @@ TOOLS = {
 }
 
 
+def tool_slug(tool: str) -> str:
+    """``"Polygon: erase"`` -> ``"polygon-erase"`` (the canvas key's tool part)."""
+    return tool.lower().replace(": ", "-")
+
+
 def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
     store = st.session_state.setdefault(WORK, {})
     key = f"{image_id}:{kind}"
@@ -235,7 +240,9 @@ def main() -> None:
             drawing_mode=mode,
             return_image_data=True,
             disabled=not can_edit,
-            key=f"correction.canvas.{info.image_id}.{kind}.{work.canvas}",
+            # Keyed by tool too: a tool change mounts a canvas already in that mode, so no
+            # click lands in the old mode while the new settings are on their way.
+            key=f"correction.canvas.{info.image_id}.{kind}.{work.canvas}.tool-{tool_slug(tool)}",
         )
     # The shape just drawn joins the history before any button of this run acts on it.
     strokes = result.image_data if can_edit else None

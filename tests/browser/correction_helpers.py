@@ -135,12 +135,26 @@ def app_button(page: Page, key: str) -> Locator:
 
 
 def save_draft(page: Page) -> int:
-    """Click Save draft and return the new version's id from the confirmation."""
+    """Click Save draft and return the new version's id from its confirmation (not from the
+    confirmation of the save before, which may still be on the page while this one runs)."""
+    confirmation = re.compile(r"Draft saved: \w+ mask version (\d+)")
+    message = page.get_by_text(confirmation)
     wait_idle(page)
+    before = message.all_inner_texts()
     page.get_by_role("button", name="Save draft").click()
-    message = page.get_by_text(re.compile(r"Draft saved: \w+ mask version \d+"))
-    expect(message).to_be_visible()
-    return int(re.search(r"version (\d+)", message.inner_text()).group(1))
+    newer = message
+    if before:
+        newer = message.filter(has_not_text=re.compile("|".join(map(re.escape, before))))
+    expect(newer).to_have_count(1)
+    return int(confirmation.search(newer.inner_text()).group(1))
+
+
+def choose_tool(page: Page, label: str) -> None:
+    """Pick a drawing tool and wait for the canvas that draws with it (the page keys the
+    canvas by tool), so that no click lands on the canvas of the tool before."""
+    page.get_by_text(label, exact=True).click()
+    slug = label.lower().replace(": ", "-")
+    expect(page.locator(f'[class*="-tool-{slug}"] canvas.dc-canvas').first).to_be_visible()
 
 
 def edit_infection(page: Page, who: str) -> None:

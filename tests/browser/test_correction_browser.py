@@ -14,6 +14,7 @@ import pytest
 from browser_helpers import go_to, sign_in, wait_idle
 from correction_helpers import (
     app_button,
+    choose_tool,
     draw_polygon,
     draw_stroke,
     edit_infection,
@@ -41,8 +42,7 @@ def test_draw_on_canvas_and_save_creates_version(new_page, shot, app_server) -> 
     draw_stroke(page, (0.2, 0.3), (0.8, 0.7))
     shot(page, "drawn")
     changed = metric_value(page, "Changed pixels").inner_text()
-    page.get_by_text("Polygon: erase").click()
-    wait_idle(page)  # the canvas must have switched tools before the first click
+    choose_tool(page, "Polygon: erase")
     draw_polygon(page, [(0.4, 0.4), (0.6, 0.4), (0.6, 0.6), (0.4, 0.6)])  # cuts the stroke
     expect(metric_value(page, "Changed pixels")).not_to_have_text(changed)
     wait_result_gray_at(page, 0.5, 0.5)  # the closed polygon, not a half-drawn one, is applied
@@ -115,8 +115,7 @@ def test_undo_redo_clear_are_what_is_saved_pixel_by_pixel(new_page, shot, app_se
     after_stroke = metric_value(page, "Changed pixels").inner_text()
     a = save_draft(page)
 
-    page.get_by_text("Polygon: add").click()
-    wait_idle(page)
+    choose_tool(page, "Polygon: add")
     draw_polygon(page, [(0.55, 0.55), (0.8, 0.55), (0.8, 0.8), (0.55, 0.8)])
     expect(metric_value(page, "Changed pixels")).not_to_have_text(after_stroke)
     expect_drawing_layer_empty(page)
