@@ -54,18 +54,21 @@ def _form_error(key: str, action: Callable[[], object]) -> None:
 
 
 def _sign_in() -> None:
-    """Form callback (runs before the script, so the page renders signed in at once)."""
-    _form_error("identity.error", lambda: identity.sign_in(
-        st.session_state, st.session_state.get("identity.name", ""),
-        st.session_state.get("identity.password", ""), common.db,
-    ))
+    """Form callback (runs before the script, so the page renders signed in at once). All
+    reads of the session state come first (see ``common.kept``)."""
+    state = common.identity_state()
+    name = st.session_state.get("identity.name", "")
+    password = st.session_state.get("identity.password", "")
+    _form_error("identity.error", lambda: identity.sign_in(state, name, password, common.db))
 
 
 def _first_admin() -> None:
+    state = common.identity_state()
+    name = st.session_state.get("identity.admin_name", "")
+    password = st.session_state.get("identity.admin_password", "")
+    repeat = st.session_state.get("identity.admin_repeat", "")
     _form_error("identity.admin_error", lambda: identity.create_first_admin(
-        st.session_state, st.session_state.get("identity.admin_name", ""),
-        st.session_state.get("identity.admin_password", ""),
-        st.session_state.get("identity.admin_repeat", ""), common.db,
+        state, name, password, repeat, common.db,
     ))
 
 
@@ -82,12 +85,13 @@ def _oidc_sign_in() -> None:
     if not st.user.is_logged_in or common.user() is not None:
         return
     name = str(st.user.get("email") or st.user.get("name") or "")
+    state = common.identity_state()
     _form_error("identity.error", lambda: identity.sign_in_external(
-        st.session_state, name, common.db, "OIDC"))
+        state, name, common.db, "OIDC"))
 
 
 def _sign_out() -> None:
-    identity.sign_out(st.session_state, common.db)
+    identity.sign_out(common.identity_state(), common.db)
     if _oidc_configured() and st.user.is_logged_in:
         st.logout()
 
@@ -104,7 +108,7 @@ def identity_sidebar() -> None:
             )
             st.button("Sign out", key="identity.sign_out", on_click=_sign_out)
             return
-        if st.session_state.pop(identity.TIMED_OUT_KEY, False):
+        if common.identity_state().pop(identity.TIMED_OUT_KEY, False):
             st.info("Your session timed out: sign in again.", icon=":material/timer_off:")
         if _oidc_configured():
             st.button("Sign in with your organisation's account", key="identity.oidc",

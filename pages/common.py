@@ -174,15 +174,41 @@ def version_mask(version_id: int) -> np.ndarray:
     return _version_mask(settings.database_url(), version_id)
 
 
+# ----------------------------------------------------------------------------- session
+def kept(key: str) -> dict[str, Any]:
+    """A plain dict in the session state for what an action with side effects leaves behind
+    (the signed-in user, a save's outcome). Take it *before* the action: every access to
+    ``st.session_state`` is a point where Streamlit stops a run that a newer rerun request
+    (a click, the canvas reporting its size) replaces, and a stop between the database write
+    and its record in the session would leave e.g. a sign-in in the audit trail and a signed-out
+    page. Writes into this dict are no such point."""
+    box = st.session_state.get(key)
+    if not isinstance(box, dict):
+        box = st.session_state[key] = {}
+    return box
+
+
+def identity_state() -> dict[str, Any]:
+    """Where ``services.identity`` keeps this browser session's user (see :func:`kept`)."""
+    return kept("infmap.identity.state")
+
+
 # ----------------------------------------------------------------------------- selection
 def user() -> identity.Identity | None:
-    return identity.current_user(st.session_state)
+    return identity.current_user(identity_state())
 
 
 def audit(action: str, image_id: int | None = None, detail: str | None = None) -> None:
     """Record an action of this browser session's user in the audit trail."""
-    u = user()
-    audit_trail.record(db, u.user_id if u is not None else None, action, image_id, detail)
+    audit_as(user(), action, image_id, detail)
+
+
+def audit_as(
+    who: identity.Identity | None, action: str, image_id: int | None = None,
+    detail: str | None = None,
+) -> None:
+    """:func:`audit` with the user taken before the action (no session-state access here)."""
+    audit_trail.record(db, who.user_id if who is not None else None, action, image_id, detail)
 
 
 def audit_view(image_id: int, page: str) -> None:

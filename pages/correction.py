@@ -60,11 +60,11 @@ def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work
 
 def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> None:
     """The last outcome (``services.correction.Note``), until it is outdated."""
-    note: Note | None = st.session_state.get(FLASH)
+    note: Note | None = common.kept(FLASH).get("note")
     if not note:
         return
     if note.outdated(work, drawing):
-        st.session_state.pop(FLASH, None)
+        common.kept(FLASH).pop("note", None)
         return
     if note.kind == "success":
         st.success(note.text, icon=":material/check_circle:")  # our own words
@@ -83,11 +83,11 @@ def show_flash(work: Work, head: studies.VersionInfo | None, drawing: bool) -> N
         c1, c2, _ = st.columns([2, 2, 3])
         if c1.button("Continue from my draft", key="correction.merge_draft", type="primary"):
             work.restart(head.id if head else None, conflict)
-            st.session_state.pop(FLASH, None)
+            common.kept(FLASH).pop("note", None)
             st.rerun()
         if c2.button("Start from the latest version", key="correction.take_latest"):
             work.restart(head.id if head else None, head.id if head else MODEL)
-            st.session_state.pop(FLASH, None)
+            common.kept(FLASH).pop("note", None)
             st.rerun()
 
 
@@ -314,7 +314,8 @@ def main() -> None:
             type="primary" if status in ("submitted", "approved") else "secondary",
         ):
             assert user is not None  # can_edit
-            st.session_state[FLASH] = save_edit(
+            outcome = common.kept(FLASH)  # taken before the save (see common.kept)
+            outcome["note"] = save_edit(
                 common.db, info.image_id, kind, work, edited, changed, head, user.user_id,
                 status, comment, pred.prediction_id,
             )  # fmt: skip

@@ -4,6 +4,7 @@ only when ``INFMAP_DICOMWEB_URL`` is set. Not a page itself; the work is ``servi
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 import streamlit as st
 
@@ -16,9 +17,11 @@ from services.text import md_escape
 HITS = "pacs.hits"
 
 
-def import_section(model: studies.ModelInfo | None, loaded: object | None, results: str) -> None:
+def import_section(
+    model: studies.ModelInfo | None, loaded: object | None, uploads: dict[str, Any]
+) -> None:
     """Search (date range, modality, patient hash) and import the chosen studies; the outcomes
-    go to ``st.session_state[results]``, shown with the uploads'."""
+    go to ``uploads["results"]`` (``common.kept``), shown with the uploads'."""
     st.caption(f"DICOMweb server: {md_escape(settings.dicomweb_url() or '')}")
     c1, c2, c3, c4 = st.columns([2, 2, 2, 3], vertical_alignment="bottom")
     start = c1.date_input("From", value=None, key="pacs.from", min_value=date(1980, 1, 1))
@@ -54,6 +57,7 @@ def import_section(model: studies.ModelInfo | None, loaded: object | None, resul
     )
     if st.button(f"Import {len(rows)} studies", disabled=not rows, key="pacs.import",
                  icon=":material/download:"):
+        who = common.user()
         handles = (
             [ingest.ModelHandle(model.id, model.version, loaded)]
             if model is not None and loaded is not None
@@ -73,10 +77,10 @@ def import_section(model: studies.ModelInfo | None, loaded: object | None, resul
             progress.empty()
             st.error(f"Nothing was imported: {exc}", icon=":material/error:")
             return
-        progress.empty()
+        uploads["results"] = report.outcomes
         added = sum(o.ok and o.created for o in report.outcomes)
-        common.audit("import", None, f"PACS: {added} added of {len(report.outcomes)}")
-        st.session_state[results] = report.outcomes
+        common.audit_as(who, "import", None, f"PACS: {added} added of {len(report.outcomes)}")
+        progress.empty()
         if report.skipped:
             st.toast(f"{report.skipped} objects that are not CR/DX radiographs were left out.")
         st.rerun()

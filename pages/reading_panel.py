@@ -9,6 +9,8 @@ and kept as the user's conflict draft (``services.reading_labels.save_reading``)
 
 from __future__ import annotations
 
+from typing import Any
+
 import streamlit as st
 
 from pages import common
@@ -28,13 +30,15 @@ def _reset_form(image_id: int, head: reading_labels.ReadingInfo | None) -> None:
         st.session_state.pop(f"{key}.{image_id}", None)
 
 
-def _flash(image_id: int, ok: bool, text: str, conflict: int | None = None) -> None:
-    st.session_state[FLASH] = {"image_id": image_id, "ok": ok, "text": text,
-                               "conflict": conflict}
+def _flash(
+    box: dict[str, Any], image_id: int, ok: bool, text: str, conflict: int | None = None
+) -> None:
+    """Record a save's outcome in ``box``, ``common.kept(FLASH)`` taken before the save."""
+    box["note"] = {"image_id": image_id, "ok": ok, "text": text, "conflict": conflict}
 
 
 def _show_flash(image_id: int, head: reading_labels.ReadingInfo | None) -> None:
-    note = st.session_state.get(FLASH)
+    note = common.kept(FLASH).get("note")
     if not note or note["image_id"] != image_id:
         return
     if note["ok"]:
@@ -50,7 +54,7 @@ def _show_flash(image_id: int, head: reading_labels.ReadingInfo | None) -> None:
         )
         if st.button("Start from the latest reading", key="reading.take_latest"):
             _reset_form(image_id, head)
-            st.session_state.pop(FLASH, None)
+            common.kept(FLASH).pop("note", None)
             st.rerun()
 
 
@@ -65,6 +69,7 @@ def _save(
     base: int | None,
     prediction_id: int | None,
 ) -> None:
+    bases, box = st.session_state.setdefault(BASES, {}), common.kept(FLASH)  # before the save
     unchanged = head is not None and head.id == base and (head.label, head.finding or "") == (
         label, finding.strip()
     )
@@ -81,8 +86,8 @@ def _save(
             prediction_id,
         )
     if outcome.ok:
-        st.session_state.setdefault(BASES, {})[info.image_id] = outcome.version_id
-    _flash(info.image_id, outcome.ok, outcome.message,
+        bases[info.image_id] = outcome.version_id
+    _flash(box, info.image_id, outcome.ok, outcome.message,
            None if outcome.ok else outcome.version_id)
 
 

@@ -13,8 +13,7 @@ from services import datastore, display, ingest, reading_labels, readings, studi
 from services.text import md_escape
 from services.worklist_table import worklist_records
 
-UPLOAD_NONCE = "worklist.upload_nonce"
-UPLOAD_RESULTS = "worklist.upload_results"
+UPLOADS = "worklist.uploads"  # common.kept: "nonce" (the uploader's) and "results"
 LAST_SELECTION = "worklist.last_selection"
 
 
@@ -24,7 +23,8 @@ def open_study(image_id: int, page: str = "pages/review.py") -> None:
 
 
 def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> None:
-    nonce = st.session_state.setdefault(UPLOAD_NONCE, 0)
+    uploads = common.kept(UPLOADS)  # taken before any import (see common.kept)
+    nonce = uploads.setdefault("nonce", 0)
     files = st.file_uploader(
         "Upload chest X-rays: DICOM, PNG or JPEG, one or many",
         accept_multiple_files=True,
@@ -34,6 +34,7 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
         f"At most {settings.upload_limit_mb()} MB per file.",
     )
     if files:
+        who = common.user()
         handles = (
             [ingest.ModelHandle(model.id, model.version, loaded)]
             if model is not None and loaded is not None
@@ -47,16 +48,15 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
 
         upload = datastore.UploadSource([(f.name, f.getvalue()) for f in files])
         outcomes = datastore.ingest_source(common.db, upload, handles, before_each=show_progress)
-        progress.empty()
+        uploads["results"], uploads["nonce"] = outcomes, nonce + 1  # a fresh, empty uploader
         added = sum(o.ok and o.created for o in outcomes)
         present = sum(o.ok and not o.created for o in outcomes)
-        common.audit("import", None, f"upload: {added} added, {present} already present, "
-                     f"{len(outcomes) - added - present} refused")  # counts, never file names
-        st.session_state[UPLOAD_RESULTS] = outcomes
-        st.session_state[UPLOAD_NONCE] = nonce + 1  # a fresh, empty uploader
+        common.audit_as(who, "import", None, f"upload: {added} added, {present} already "
+                        f"present, {len(outcomes) - added - present} refused")  # no file names
+        progress.empty()
         st.rerun()
 
-    outcomes = st.session_state.get(UPLOAD_RESULTS, [])
+    outcomes = uploads.get("results", [])
     for n, o in enumerate(outcomes):
         if not o.ok:
             st.error(
@@ -78,7 +78,7 @@ def upload_section(model: studies.ModelInfo | None, loaded: object | None) -> No
             if st.button("Review", key=f"worklist.open_upload.{n}", icon=":material/visibility:"):
                 open_study(o.image_id)
     if outcomes and st.button("Clear messages", key="worklist.clear_results"):
-        st.session_state[UPLOAD_RESULTS] = []
+        uploads["results"] = []
         st.rerun()
 
 
@@ -179,7 +179,7 @@ def main() -> None:
         upload_section(model, loaded)
     if settings.dicomweb_url() is not None:
         with st.expander("Import from the PACS (DICOMweb)", icon=":material/cloud_download:"):
-            pacs_panel.import_section(model, loaded, UPLOAD_RESULTS)
+            pacs_panel.import_section(model, loaded, common.kept(UPLOADS))
 
     f1, f2, f5, f3, f4 = st.columns([3, 3, 2, 2, 2], vertical_alignment="bottom")
     with f1:

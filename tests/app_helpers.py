@@ -27,11 +27,21 @@ def run_app(page: str | None = None) -> AppTest:
     return at
 
 
+IDENTITY_STATE = "infmap.identity.state"  # pages.common.identity_state's key
+
+
+def signed_in(at: AppTest) -> object | None:
+    """The Identity this AppTest session is signed in with (None: signed out)."""
+    if IDENTITY_STATE not in at.session_state:
+        return None
+    return at.session_state[IDENTITY_STATE].get("infmap.identity")
+
+
 def sign_in(at: AppTest, name: str, role: str = "annotator") -> None:
     """Create the account ``name`` (``role``) in the test's database and sign in with it."""
     sign_in_apptest(at, name, role)
     assert not at.exception, at.exception
-    assert at.session_state["infmap.identity"].name == name
+    assert signed_in(at).name == name
 
 
 def scope_for(url: str):  # noqa: ANN201

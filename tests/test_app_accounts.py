@@ -4,7 +4,7 @@ install, a wrong password refused, the Admin page for admins only."""
 from __future__ import annotations
 
 from accounts import TEST_PASSWORD, ensure_account, sign_in_apptest
-from app_helpers import run_app, sign_in
+from app_helpers import run_app, sign_in, signed_in
 
 from database import audit
 from database.session import init_db, session_scope
@@ -17,7 +17,7 @@ def test_fresh_install_asks_for_the_first_admin_once(app_env: str) -> None:
     at.sidebar.text_input(key="identity.admin_repeat").input(TEST_PASSWORD)
     at.sidebar.button[1].click().run()  # the first-admin form's button (the sign-in form's is 0)
     assert not at.exception, at.exception
-    assert at.session_state["infmap.identity"].role == "admin"
+    assert signed_in(at).role == "admin"
     at.switch_page("pages/admin.py").run()
     assert not at.exception, at.exception
     assert {"User accounts", "Audit trail"} <= {h.value for h in at.subheader}
@@ -31,7 +31,7 @@ def test_wrong_password_is_refused_and_recorded(app_env: str) -> None:
     sign_in_apptest(at, "Ann Wrong", password="not the password", create=False)
     assert not at.exception, at.exception
     assert at.session_state["identity.error"] == "Wrong name or password."
-    assert "infmap.identity" not in at.session_state
+    assert signed_in(at) is None
     assert "identity.password" not in at.session_state  # the typed password is not kept
     engine = init_db(app_env)
     try:

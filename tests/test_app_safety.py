@@ -15,7 +15,7 @@ import probe_inputs as probe
 import pytest
 import streamlit as st
 from accounts import ensure_account, sign_in_apptest
-from app_helpers import APP, TIMEOUT
+from app_helpers import APP, IDENTITY_STATE, TIMEOUT
 from streamlit.testing.v1 import AppTest
 
 from database import annotation_versions, users
@@ -68,7 +68,7 @@ def test_signed_in_name_is_shown_literally(app_db: Path) -> None:
     assert not at.exception, at.exception
     # AppTest drops the sidebar on the run a form submits; the next page load shows it.
     again = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    again.session_state["infmap.identity"] = at.session_state["infmap.identity"]
+    again.session_state[IDENTITY_STATE] = at.session_state[IDENTITY_STATE]
     again.run()
     (banner,) = [s.value for s in again.sidebar.success]
     assert banner == f"Signed in as {md_escape(injection)} (annotator)"

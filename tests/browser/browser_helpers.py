@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,7 +143,7 @@ def fill_sign_in(page, name: str, password: str) -> None:  # noqa: ANN001
     sidebar.get_by_role("button", name="Sign in").click()
 
 
-def _sign_ins(database_url: str, name: str) -> int:
+def sign_ins_recorded(database_url: str, name: str) -> int:
     """How many sign-ins of ``name`` the audit trail holds."""
     from database import audit
 
@@ -155,12 +154,9 @@ def _sign_ins(database_url: str, name: str) -> int:
 def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None:  # noqa: ANN001
     """Create the account (in the database of the server the page is on) and sign in.
 
-    A Sign in click sent while another rerun is under way (on the Correction page the canvas
-    reports its value once loaded) was seen to be lost: the form stays, nothing is recorded. A
-    user then clicks again, and so does this helper, but only once the audit trail shows the
-    click was not taken. A sign-in recorded while the screen shows the form is the open defect
-    of issue 13's note (the page stopped following the server): a warning, a reload (a new
-    session), and a failure if it happens on every attempt."""
+    A click that is not taken (the form stays, the audit trail has no new sign-in) is clicked
+    again, as a user would. A sign-in in the audit trail while the page shows the form is the
+    defect fixed by ``pages.common.kept`` and ``runner.fastReruns = false``: a failure."""
     from playwright.sync_api import expect
 
     server = next((s for s in reversed(_SERVERS) if page.url.startswith(s.url + "/")
@@ -169,7 +165,7 @@ def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None
     sidebar = page.locator('[data-testid="stSidebar"]')
     signed_in = sidebar.get_by_text(f"Signed in as {name}")
     for attempt in range(1, attempts + 1):
-        before = _sign_ins(server.database_url, name)
+        before = sign_ins_recorded(server.database_url, name)
         fill_sign_in(page, name, TEST_PASSWORD)
         try:
             expect(signed_in).to_be_visible(timeout=20_000)
@@ -179,16 +175,9 @@ def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None
             if signed_in.is_visible():
                 return
             state = page.locator('[data-testid="stApp"]').get_attribute("data-test-script-state")
-            if _sign_ins(server.database_url, name) != before:
-                if attempt == attempts:
-                    raise AssertionError(f"{name} is signed in by the audit trail, but the page "
-                                         f"shows {sidebar.inner_text()!r}") from exc
-                # The open defect of issue 13's note: the page stopped following the server.
-                # Said as a warning in every run's summary; a fresh page (a new session) then.
-                warnings.warn(f"the page stopped following the server after {name}'s sign-in "
-                              "(open defect); reloaded", stacklevel=2)
-                page.reload()
-                continue
+            if sign_ins_recorded(server.database_url, name) != before:
+                raise AssertionError(f"{name} is signed in by the audit trail, but the page "
+                                     f"shows {sidebar.inner_text()!r}") from exc
             if attempt == attempts:
                 raise AssertionError(f"Sign in not taken {attempts} times: script {state!r}, "
                                      f"sidebar {sidebar.inner_text()!r}") from exc
