@@ -145,7 +145,12 @@ def save_version(
                 audit_save(session, status, user, image_id, f"{what} version {new_id}")
     except versioning.StaleVersionError as refused:
         with scope() as session:
-            kept = refused.kept_as(int(keep_draft(session, signed_in_user(session, user_id)).id))
+            user = signed_in_user(session, user_id)
+            kept = refused.kept_as(int(keep_draft(session, user).id))
+            if audit_as is not None:  # a saved version too: in the trail, same transaction
+                _, image_id, what = audit_as
+                audit_save(session, "draft", user, image_id,
+                           f"{what} version {kept.conflict_version_id} (conflict draft)")
         return SaveOutcome(False, kept.conflict_version_id, str(kept))
     except (versioning.RoleError, ValueError, LookupError) as exc:
         return SaveOutcome(False, None, str(exc))
