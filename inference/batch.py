@@ -1,7 +1,7 @@
 """Batch inference over files and folders -> predictions.csv and mask PNGs.
 
     python -m inference.batch INPUT... --out DIR [--checkpoint PATH] [--timeout SECONDS]
-                              [--report pdf|png]
+                              [--report pdf|png] [--names hashed|clear]
 
 INPUT is a file or a folder (searched recursively for .dcm/.dicom/.png/.jpg/.jpeg and for
 extension-less DICOM files). Writes ``DIR/predictions.csv`` (one row per input file; a file that
@@ -12,6 +12,13 @@ Each file is decoded in a worker process with a time limit (``--timeout``) and a
 (``inference.isolation``): a file that stalls or bloats the decoder gets an error row.
 ``--report`` also writes ``DIR/reports/<stem>_report.pdf`` (or .png): the one-page study report
 (``inference.study_report``) of the model's output.
+
+File names may carry patients' names, so by default (``--names hashed``) the outputs never name
+the files: rows, masks and reports are ``case-0001``, ``case-0002``... in the inputs' sorted
+order, and ``name_hash`` is the salted sha256 of each file's path as given or relative to its
+folder (``inference.deid.name_hash``, ``INFMAP_ID_SALT``); an error message that quotes the
+path says the case label instead. ``--names clear`` names the files as above (for outputs that
+stay with the files).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 import settings  # noqa: E402 - also sets HF_HUB_OFFLINE before timm loads
 from inference import study_report  # noqa: E402
 from inference.checks import UnsupportedImage  # noqa: E402
+from inference.deid import name_hash  # noqa: E402
 from inference.isolation import Budget, load_xray_isolated  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
 from inference.predict import Prediction, predict  # noqa: E402
@@ -82,6 +90,25 @@ def collect_inputs(inputs: Iterable[str]) -> Iterator[InputFile]:
                 yield InputFile(path, str(rel), str(rel.with_suffix("")))
         else:
             yield InputFile(root, arg, root.stem or root.name)
+
+
+def hashed_names(items: list[InputFile]) -> list[tuple[InputFile, str]]:
+    """Each input as ``case-NNNN`` (display and mask name), with the salted hash of its name."""
+    width = max(4, len(str(len(items))))
+    out = []
+    for n, item in enumerate(items, start=1):
+        label = f"case-{n:0{width}d}"
+        out.append((InputFile(item.path, label, label), name_hash(item.display)))
+    return out
+
+
+def scrub(message: str, original: InputFile, label: str) -> str:
+    """``message`` without the file's path or name (an OS error quotes them)."""
+    for text in sorted({str(original.path), original.display, original.path.name}, key=len,
+                       reverse=True):
+        if text:
+            message = message.replace(text, label)
+    return message
 
 
 def _unique(key: str, used: set[str]) -> str:
@@ -180,6 +207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    f"(default: {settings.decode_seconds():g})")
     p.add_argument("--report", choices=study_report.FORMATS, default=None,
                    help="also write a one-page study report per image (reports/<name>_report.*)")
+    p.add_argument("--names", choices=("hashed", "clear"), default="hashed",
+                   help="hashed (default): outputs name cases, never files; clear: file names")
     args = p.parse_args(argv)
     if args.timeout <= 0:
         p.error("--timeout must be a positive number of seconds")
@@ -209,14 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     used: set[str] = set()
     budget = Budget(seconds=args.timeout)
     failed = 0
+    hashed = args.names == "hashed"
+    named = hashed_names(items) if hashed else [(item, "") for item in items]
     with open(csv_path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=(*COLUMNS, "name_hash") if hashed else COLUMNS)
         writer.writeheader()
         # File names are not printed: they may carry patient identifiers.
-        for item in tqdm(items, desc="InfMap", unit="image", file=sys.stderr):
+        for original, (item, digest) in tqdm(zip(items, named, strict=True), total=len(items),
+                                             desc="InfMap", unit="image", file=sys.stderr):
             row = process_one(item, model, masks_dir, _unique(item.mask_key, used), budget,
                               report_dir, args.report or "pdf")
             failed += bool(row["error"])
+            if hashed:
+                row["error"] = scrub(row["error"], original, item.display)
+                row["name_hash"] = digest
             writer.writerow(row)
             fh.flush()  # rows survive an interrupted run
     print(f"{len(items)} images, {failed} failed -> {csv_path}", file=sys.stderr)

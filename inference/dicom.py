@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from inference.checks import UnsupportedImage, check_dimensions, check_memory
-from inference.deid import deidentified_uid, patient_hash
+from inference.deid import basic_profile, deidentified_uid, patient_hash
 from inference.dicom_display import UNDECODABLE, colour, monochrome
 from inference.dicom_header import check_content, header_str, patient_id, pixel_spacing, quiet
 from inference.limits import MAX_PIXELS
@@ -121,13 +121,14 @@ def _decode_dicom(data: bytes, force: bool) -> DecodedDicom:
         raw, pixels, window = colour(arr, ds, photometric, rows, columns)
         invert = False
 
+    clean = deidentify_header(ds)  # the header fields kept come from the de-identified copy
     metadata: dict[str, Any] = {
-        "modality": header_str(ds, "Modality"),
-        "view_position": header_str(ds, "ViewPosition"),
-        "body_part": header_str(ds, "BodyPartExamined"),
+        "modality": header_str(clean, "Modality"),
+        "view_position": header_str(clean, "ViewPosition"),
+        "body_part": header_str(clean, "BodyPartExamined"),
         "rows": int(pixels.shape[0]),
         "columns": int(pixels.shape[1]),
-        "pixel_spacing": pixel_spacing(ds),
+        "pixel_spacing": pixel_spacing(clean),
         "photometric_interpretation": photometric,
         "transfer_syntax": tsyntax.name,
         "bits_stored": bits_stored,
@@ -137,10 +138,22 @@ def _decode_dicom(data: bytes, force: bool) -> DecodedDicom:
         "study_uid": deidentified_uid(_uid(ds, "StudyInstanceUID")),
         "series_uid": deidentified_uid(_uid(ds, "SeriesInstanceUID")),
         "sop_instance_uid": deidentified_uid(_uid(ds, "SOPInstanceUID")),
-        "sop_class_uid": _uid(ds, "SOPClassUID"),  # the kind of object, not identifying
-        "patient_orientation": _orientation(ds),
+        "sop_class_uid": _uid(clean, "SOPClassUID"),  # the kind of object, not identifying
+        "patient_orientation": _orientation(clean),
     }
     return DecodedDicom(pixels=pixels, raw=raw, window=window, invert=invert, metadata=metadata)
+
+
+def deidentify_header(ds: Dataset) -> Dataset:
+    """``inference.deid.basic_profile`` of the header; a header it cannot process is refused
+    (nothing of a file is stored that could not be de-identified)."""
+    with quiet():
+        try:
+            return basic_profile(ds)
+        except Exception as exc:  # a malformed element the profile trips over
+            raise UnsupportedImage(
+                "This DICOM file's header could not be de-identified, so it is not stored."
+            ) from exc
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from database import images, predictions
 from database.models import Image
 from inference.checks import UnsupportedImage
+from inference.deid import name_hash, neutral_label
 from inference.isolation import Budget, load_xray_isolated
 from inference.loading import XRay
 from inference.model import LoadedModel
@@ -97,14 +98,21 @@ def store_xray(
     session: Session, xray: XRay, name: str, source: str = "upload"
 ) -> tuple[Image, bool]:
     """Store ``xray`` (its de-identified payload, deduplicated by the original file's hash) in
-    the caller's transaction. Returns (image row, created)."""
+    the caller's transaction. Returns (image row, created). An upload's file name may carry a
+    patient's name: it is stored as a neutral label and a salted hash (``inference.deid``);
+    the bundled samples and folder imports keep their dataset-relative names."""
     height, width = xray.pixels.shape[:2]
+    metadata = dict(xray.metadata)
+    if source == "upload":
+        metadata["name_hash"] = name_hash(name)
+        name = neutral_label(name, xray.metadata)
+        xray = dataclasses.replace(xray, source_name=name)  # the payload keeps a name as well
     return images.add_image(
         session,
         xray_to_npz_bytes(xray),
         xray.sha256,
         name,
-        xray.metadata,
+        metadata,
         width=width,
         height=height,
         source=source,

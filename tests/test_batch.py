@@ -57,7 +57,8 @@ def test_batch_folder(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFi
     (src / "README").write_text("ignored: no suffix and no DICOM magic\n")
     out = tmp_path / "out"
 
-    assert main([str(src), "--out", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert main([str(src), "--out", str(out), "--checkpoint", str(checkpoint),
+                 "--names", "clear"]) == 0
 
     rows = {r["file"]: r for r in read_rows(out)}
     assert set(rows) == {"a.png", "bad.dcm", "nested/deeper/b.PNG"}
@@ -92,7 +93,8 @@ def test_batch_explicit_files_and_missing_path(tmp_path: Path, checkpoint: Path)
     shutil.copy(a, other)
     missing = tmp_path / "missing.png"
     out = tmp_path / "out"
-    args = [str(a), str(other), str(missing), "--out", str(out), "--checkpoint", str(checkpoint)]
+    args = [str(a), str(other), str(missing), "--out", str(out), "--checkpoint", str(checkpoint),
+            "--names", "clear"]
     assert main(args) == 0
     rows = read_rows(out)
     assert [r["file"] for r in rows] == [str(a), str(other), str(missing)]
@@ -111,7 +113,8 @@ def test_batch_extensionless_dicom(tmp_path: Path, checkpoint: Path) -> None:
     src.mkdir(parents=True)
     shutil.copy(rg1, src / "IMG0001")  # no suffix: found by the DICM magic
     out = tmp_path / "out"
-    assert main([str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(checkpoint)]) == 0
+    assert main([str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(checkpoint),
+                 "--names", "clear"]) == 0
     (row,) = read_rows(out)
     assert row["file"] == "series/IMG0001" and row["error"] == ""
     lung = cv2.imread(str(out / "masks" / "series" / "IMG0001_lung.png"), cv2.IMREAD_UNCHANGED)

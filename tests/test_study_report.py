@@ -84,7 +84,7 @@ def test_batch_writes_a_report_per_image(tmp_path: Path) -> None:
     assert main([str(tmp_path / "in"), "--out", str(out), "--checkpoint", str(ckpt),
                  "--report", "png"]) == 0
     (report,) = (out / "reports").rglob("*_report.png")
-    assert report.name == "a_report.png"
+    assert report.name == "case-0001_report.png"  # the default names cases, not files
     assert cv2.imread(str(report)) is not None
     assert main([str(tmp_path / "in"), "--out", str(tmp_path / "out2"), "--checkpoint",
                  str(ckpt)]) == 0

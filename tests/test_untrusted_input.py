@@ -225,7 +225,8 @@ def test_upload_with_bad_files_stores_only_the_good_ones(tmp_path: Path) -> None
     finally:
         engine.dispose()
     assert {n for n, o in outcomes.items() if o.ok} == {"good.png", "good2.png", "window.dcm"}
-    assert stored == ["good.png", "good2.png", "window.dcm"]
+    # stored under neutral labels, never the file names (inference.deid.neutral_label)
+    assert sorted(n.rsplit(" ", 1)[0] for n in stored) == ["CR upload", "PNG upload", "PNG upload"]
     for name in ("lut.dcm", "hang.dcm", "claim.jpg", "sliver.png"):
         assert outcomes[name].error and "Error" not in outcomes[name].error
 
@@ -253,7 +254,8 @@ def test_batch_over_hanging_escaping_and_good_files_gives_one_row_each(tmp_path:
     shutil.copy(GOOD, src / "good.png")
     shutil.copy(GOOD2, src / "good2.png")
     out = tmp_path / "out"
-    argv = [str(src), "--out", str(out), "--checkpoint", str(checkpoint), "--timeout", "30"]
+    argv = [str(src), "--out", str(out), "--checkpoint", str(checkpoint), "--timeout", "30",
+            "--names", "clear"]
     assert batch_main(argv) == 0
     with open(out / "predictions.csv", newline="", encoding="utf-8") as fh:
         rows = {r["file"]: r for r in csv.DictReader(fh)}
