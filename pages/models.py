@@ -6,6 +6,8 @@ processes is ``services.model_admin``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,15 @@ def can_manage() -> bool:
 def user_id() -> int:
     u = common.user()
     return u.user_id if u is not None else -1  # no user: the service refuses
+
+
+@contextmanager
+def refusal_shown() -> Iterator[None]:
+    """A service's refusal (wrong role, account gone) as an error on the page."""
+    try:
+        yield
+    except (admin.RoleError, LookupError) as exc:
+        st.error(str(exc), icon=":material/block:")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -169,9 +180,11 @@ def activation_section(records: list[dict[str, Any]]) -> None:
 
 
 def start_repredict() -> None:
+    """Re-predict with the active version (the service refuses anyone but a manager)."""
     info, loaded, _message = common.active_model()
     if info is not None and loaded is not None:
-        admin.start_repredict(common.db, settings.database_url(), info, loaded)
+        with refusal_shown():
+            admin.start_repredict(common.db, settings.database_url(), info, loaded, user_id())
 
 
 @st.fragment(run_every="2s")
@@ -194,7 +207,7 @@ def repredict_section() -> None:
     noun = "study" if len(missing) == 1 else "studies"
     if st.button(f"Re-predict {len(missing)} {noun} with the active version",
                  disabled=not missing or not can_manage(), icon=":material/refresh:"):
-        admin.start_repredict(common.db, settings.database_url(), info, loaded)
+        start_repredict()
         st.rerun(scope="fragment")
 
 
@@ -260,7 +273,8 @@ def runs_panel() -> None:
                        "restarted, or it was killed); nothing was registered.",
                        icon=":material/warning:")  # fmt: skip
             if can_manage() and st.button("Mark as stopped", key=f"stale.{r['id']}"):
-                admin.mark_interrupted(common.db, r["id"])
+                with refusal_shown():
+                    admin.mark_interrupted(common.db, r["id"], user_id())
                 st.rerun(scope="app")
             continue
         c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="center")
@@ -271,7 +285,8 @@ def runs_panel() -> None:
         if st.session_state.get(STOP) == r["id"]:
             if c2.button("Stop now", key=f"stop.yes.{r['id']}", type="primary",
                          help="The run ends and registers nothing"):  # fmt: skip
-                admin.stop_run(r)
+                with refusal_shown():
+                    admin.stop_run(common.db, r, user_id())
                 st.session_state.pop(STOP, None)
             if c3.button("Keep", key=f"stop.no.{r['id']}"):
                 st.session_state.pop(STOP, None)
@@ -308,9 +323,9 @@ def export_section() -> None:
                  help=None if may_export else "Sign in as a radiologist, researcher or admin.",
                  icon=":material/folder_zip:", key="models.export.prepare"):
         options = dataset_export.ExportOptions(include_submitted=submitted, split=split)
-        with st.spinner("Writing the export..."):
+        with st.spinner("Writing the export..."), refusal_shown():
             st.session_state["models.export.file"] = dataset_export.dataset_zip(
-                common.db, options
+                common.db, user_id(), options
             )
     ready = st.session_state.get("models.export.file")
     if ready is not None and may_export:

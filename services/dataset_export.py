@@ -37,8 +37,9 @@ import cv2
 import numpy as np
 
 from database import export as export_queries
-from database import images
+from database import images, users
 from inference.storage import xray_from_npz_bytes
+from services.identity import EXPORTERS
 from services.ingest import SessionFactory
 from settings import READING_CLASSES
 
@@ -227,9 +228,12 @@ def write_dataset_zip(
 
 
 def dataset_zip(
-    scope: SessionFactory, options: ExportOptions | None = None
+    scope: SessionFactory, user_id: int, options: ExportOptions | None = None
 ) -> tuple[str, bytes, ExportSummary]:
-    """The export in memory for a download: (file name, ZIP bytes, summary)."""
+    """The export in memory for a download: (file name, ZIP bytes, summary), for radiologists,
+    researchers and admins (``RoleError`` otherwise; the command line is the server operator's)."""
+    with scope(write=False) as s:
+        users.acting_user(s, user_id, EXPORTERS, "export the dataset")
     buffer = io.BytesIO()
     summary = write_dataset_zip(scope, buffer, options)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

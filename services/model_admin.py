@@ -198,10 +198,14 @@ def _repredict(scope: SessionFactory, job: Repredict, handle: ingest.ModelHandle
 
 
 def start_repredict(
-    scope: SessionFactory, database_url: str, model: studies.ModelInfo, loaded: LoadedModel
+    scope: SessionFactory, database_url: str, model: studies.ModelInfo, loaded: LoadedModel,
+    user_id: int,
 ) -> Repredict | None:
     """Predict, in a background thread, every study the active version has not seen. One job
-    per database at a time; returns the running job (None: nothing to do)."""
+    per database at a time; returns the running job (None: nothing to do). Researchers and
+    admins only (``RoleError`` otherwise)."""
+    with scope(write=False) as s:
+        users.acting_user(s, user_id, MANAGERS, "re-predict the worklist")
     with _LOCK:
         job = _REPREDICT.get(database_url)
         if job is not None and not job.finished:
@@ -276,15 +280,20 @@ def start_finetune(
     return StartOutcome(True, run_id, f"Fine-tuning run {run_id} started in the background.")
 
 
-def stop_run(run: dict[str, Any]) -> None:
-    """Ask a run to stop: it catches SIGTERM, marks itself stopped and registers nothing."""
+def stop_run(scope: SessionFactory, run: dict[str, Any], user_id: int) -> None:
+    """Ask a run to stop: it catches SIGTERM, marks itself stopped and registers nothing.
+    Researchers and admins only (``RoleError`` otherwise)."""
+    with scope(write=False) as s:
+        users.acting_user(s, user_id, MANAGERS, "stop a fine-tuning run")
     if run.get("pid"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(run["pid"]), signal.SIGTERM)
 
 
-def mark_interrupted(scope: SessionFactory, run_id: int) -> None:
+def mark_interrupted(scope: SessionFactory, run_id: int, user_id: int) -> None:
+    """Record a run that stopped without reporting as interrupted (researchers and admins)."""
     with scope() as s:
+        users.acting_user(s, user_id, MANAGERS, "mark a fine-tuning run as stopped")
         runs.finish_run(s, run_id, "interrupted", message="stopped without reporting")
 
 

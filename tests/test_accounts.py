@@ -205,6 +205,37 @@ def test_model_actions_need_a_researcher_or_admin(
     assert ("The researcher", "model activate") in _actions(engine)
 
 
+def test_repredict_stop_and_export_are_refused_below_the_pages(
+    engine: Engine, team: dict[str, int]
+) -> None:
+    """The Models page hides these buttons from the wrong roles; the services refuse too."""
+    from database import runs
+    from services import dataset_export
+
+    scope = _scope(engine)
+    with session_scope(engine) as s:
+        active = model_version(s, "v1")
+        run_id = int(runs.create_run(s, {"steps": 1}).id)
+        info = studies.ModelInfo(active.id, "v1", active.checkpoint_path, None)
+    run = {"id": run_id, "pid": None}
+    for role in ("annotator", "radiologist"):
+        with pytest.raises(RoleError):
+            model_admin.start_repredict(scope, "sqlite://", info, None, team[role])
+        with pytest.raises(RoleError):
+            model_admin.stop_run(scope, run, team[role])
+        with pytest.raises(RoleError):
+            model_admin.mark_interrupted(scope, run_id, team[role])
+    with pytest.raises(RoleError):
+        dataset_export.dataset_zip(scope, team["annotator"])
+    with pytest.raises(LookupError):  # not signed in (the page passes -1)
+        dataset_export.dataset_zip(scope, -1)
+    with session_scope(engine, write=False) as s:
+        assert runs.get_run(s, run_id).status != "interrupted"
+    model_admin.mark_interrupted(scope, run_id, team["researcher"])
+    name, data, _ = dataset_export.dataset_zip(scope, team["radiologist"])
+    assert name.endswith(".zip") and data[:2] == b"PK"
+
+
 def test_managing_users_needs_an_admin(engine: Engine, team: dict[str, int]) -> None:
     scope = _scope(engine)
     for role in ("annotator", "radiologist", "researcher"):
