@@ -73,11 +73,20 @@ def photograph(tmp_path: Path) -> Path:
     return path
 
 
-def stored_in_domain(server: AppServer, display_name: str) -> bool | None:
+def stored_in_domain(server: AppServer, file_name: str) -> bool | None:
+    """The stored domain decision of the study uploaded as ``file_name`` (stored under a neutral
+    label and the salted hash of the name, never the name: ``inference.deid``)."""
+    from sqlalchemy import select
+
+    from database.models import Image
+    from inference.deid import name_hash
+
     engine = make_engine(server.database_url)
     try:
         with session_scope(engine, write=False) as s:
-            row = next(r for r in worklist.worklist(s) if r.display_name == display_name)
+            (image_id,) = [i.id for i in s.scalars(select(Image))
+                           if i.meta.get("name_hash") == name_hash(file_name)]
+            row = next(r for r in worklist.worklist(s) if r.image_id == image_id)
             return row.in_domain
     finally:
         engine.dispose()
