@@ -37,6 +37,8 @@ from services.text import fmt_time, md_escape
 WORK = "correction.work"
 FLASH = "correction.flash"
 KEPT_KIND = "correction.kept_kind"  # the mask choice, kept while other pages are open
+# Keyboard shortcuts (Ctrl is Cmd on a Mac; Streamlit shows each on its button), listed on the page.
+SHORTCUTS = {"undo": "Ctrl+Z", "redo": "Ctrl+Shift+Z", "draft": "Ctrl+S", "submitted": "Ctrl+Enter"}
 TOOLS = {
     "Brush: add": ("freedraw", masks.ADD_COLOR),
     "Brush: erase": ("freedraw", masks.ERASE_COLOR),
@@ -214,7 +216,7 @@ def main() -> None:
     with t3:
         opacity = st.slider("Mask opacity", 0.0, 1.0, 0.4, 0.05, key="correction.opacity")
     mode, stroke = TOOLS[tool]
-    b_undo, b_redo, b_clear, b_reset, _ = st.columns([1, 1, 1, 2, 3])
+    b_undo, b_redo, b_clear, b_reset, _ = st.columns([2, 3, 1.2, 3, 0.8])  # room for the keys
 
     edits = work.edits_for(model_mask, common.version_mask)
     current = edits.current()
@@ -228,7 +230,8 @@ def main() -> None:
             f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {work.base_label()}. "
             "Green strokes add, magenta strokes erase; a polygon closes when you click its "
             "first point. Each finished shape becomes part of the mask at once: use Undo, "
-            "Redo and Clear above the canvas."
+            "Redo and Clear above the canvas. Keys: Ctrl+Z undo, Ctrl+Shift+Z redo, Ctrl+S "
+            "save draft, Ctrl+Enter submit for review (Cmd on a Mac)."
         )
         result = st_canvas(
             fill_color=masks.canvas_color(stroke),
@@ -248,10 +251,12 @@ def main() -> None:
     strokes = result.image_data if can_edit else None
     acted = masks.has_strokes(strokes) and edits.apply(masks.composite_strokes(current, strokes))
     if b_undo.button("Undo", disabled=not (can_edit and edits.can_undo()),
-                     key="correction.undo", icon=":material/undo:"):  # fmt: skip
+                     key="correction.undo", icon=":material/undo:",
+                     shortcut=SHORTCUTS["undo"]):  # fmt: skip
         acted = edits.undo() or acted
     if b_redo.button("Redo", disabled=not (can_edit and edits.can_redo()),
-                     key="correction.redo", icon=":material/redo:"):  # fmt: skip
+                     key="correction.redo", icon=":material/redo:",
+                     shortcut=SHORTCUTS["redo"]):  # fmt: skip
         acted = edits.redo() or acted
     if b_clear.button("Clear", disabled=not can_edit, key="correction.clear",
                       help=f"Back to {work.base_label()} (undoable)"):  # fmt: skip
@@ -312,6 +317,7 @@ def main() -> None:
             key=f"correction.save.{status}",
             disabled=not can_edit,
             type="primary" if status in ("submitted", "approved") else "secondary",
+            shortcut=SHORTCUTS.get(status),
         ):
             assert user is not None  # can_edit
             outcome = common.kept(FLASH)  # taken before the save (see common.kept)

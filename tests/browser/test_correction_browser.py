@@ -168,3 +168,27 @@ def test_unsaved_strokes_and_mask_choice_survive_leaving_the_page(
     saved = save_draft(page)
     stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
     assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100
+
+
+def test_keyboard_undo_redo_and_save(new_page, shot, app_server) -> None:
+    """Issue 14.2 (the keys): Ctrl+Z, Ctrl+Shift+Z and Ctrl+S do what the buttons do."""
+    study = image_id(app_server, "Normal/normal_10.png")
+    page = open_correction(new_page, study)
+    edit_infection(page, "Kim Keys")
+    expect(page.get_by_text("Ctrl+S save draft")).to_be_visible()  # listed on the page
+    draw_stroke(page, (0.25, 0.4), (0.7, 0.6))
+    drawn = metric_value(page, "Changed pixels").inner_text()
+    wait_idle(page)
+    page.keyboard.press("Control+z")
+    expect(metric_value(page, "Changed pixels")).to_have_text("0")
+    wait_idle(page)
+    page.keyboard.press("Control+Shift+z")
+    expect(metric_value(page, "Changed pixels")).to_have_text(drawn)
+    wait_idle(page)
+    page.keyboard.press("Control+s")
+    message = page.get_by_text(re.compile(r"Draft saved: infection mask version \d+"))
+    expect(message).to_be_visible()
+    shot(page, "saved-by-key")
+    saved = int(re.search(r"version (\d+)", message.inner_text()).group(1))
+    stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
+    assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100  # the stroke
