@@ -21,7 +21,7 @@ import streamlit as st
 import settings
 from inference.loading import XRay
 from inference.model import CheckpointError, LoadedModel, load_checkpoint
-from services import audit_trail, identity, readings, studies
+from services import audit_trail, correction, identity, readings, studies
 from services import bootstrap as boot
 from services.storage import Store, open_store
 
@@ -85,6 +85,22 @@ def active_model() -> tuple[studies.ModelInfo | None, LoadedModel | None, str | 
 def xray_for(sha256: str, image_id: int) -> XRay:
     """The stored X-ray (shared, read-only: full-size arrays are not copied on every rerun)."""
     return studies.load_xray_payload(db, image_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _probability_maps(
+    sha256: str, image_id: int, checkpoint: str, model_version: str
+) -> dict[str, np.ndarray]:
+    with st.spinner("Running the model for the click tool..."):
+        return correction.probability_maps(xray_for(sha256, image_id), load_model(checkpoint))
+
+
+def probability_maps(
+    sha256: str, image_id: int, model: studies.ModelInfo
+) -> dict[str, np.ndarray]:
+    """The model's probability maps of a study (for the click tool), cached per (image sha256,
+    model version)."""
+    return _probability_maps(sha256, image_id, model.checkpoint_path, model.version)
 
 
 class _NoPrediction(Exception):

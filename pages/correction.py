@@ -27,6 +27,7 @@ from services.correction import (
     MODEL,
     Note,
     Work,
+    apply_click,
     approved_lock,
     current_mask,
     save_edit,
@@ -44,6 +45,9 @@ TOOLS = {
     "Brush: erase": ("freedraw", masks.ERASE_COLOR),
     "Polygon: add": ("polygon", masks.ADD_COLOR),
     "Polygon: erase": ("polygon", masks.ERASE_COLOR),
+    # A click marks a wrong pixel; the model's probability map says how far the fix spreads.
+    "Click: add": ("point", masks.ADD_COLOR),
+    "Click: remove": ("point", masks.ERASE_COLOR),
 }
 
 
@@ -208,7 +212,7 @@ def main() -> None:
                 st.rerun()
     can_edit = can_edit and not locked
 
-    t1, t2, t3 = st.columns([4, 2, 2], vertical_alignment="bottom")
+    t1, t2, t3 = st.columns([6, 2, 2], vertical_alignment="bottom")  # the tools on one line
     with t1:
         tool = st.radio("Tool", list(TOOLS), horizontal=True, key="correction.tool")
     with t2:
@@ -229,7 +233,9 @@ def main() -> None:
         st.caption(
             f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {work.base_label()}. "
             "Green strokes add, magenta strokes erase; a polygon closes when you click its "
-            "first point. Each finished shape becomes part of the mask at once: use Undo, "
+            "first point; Click: add / remove marks a pixel the mask gets wrong, and the fix "
+            "spreads as far as the model's probability map says (at least a brush spot). "
+            "Each finished shape becomes part of the mask at once: use Undo, "
             "Redo and Clear above the canvas. Keys: Ctrl+Z undo, Ctrl+Shift+Z redo, Ctrl+S "
             "save draft, Ctrl+Enter submit for review (Cmd on a Mac)."
         )
@@ -241,6 +247,7 @@ def main() -> None:
             height=ch,
             width=cw,
             drawing_mode=mode,
+            point_display_radius=4,
             return_image_data=True,
             disabled=not can_edit,
             # Keyed by tool too: a tool change mounts a canvas already in that mode, so no
@@ -249,7 +256,15 @@ def main() -> None:
         )
     # The shape just drawn joins the history before any button of this run acts on it.
     strokes = result.image_data if can_edit else None
-    acted = masks.has_strokes(strokes) and edits.apply(masks.composite_strokes(current, strokes))
+    if mode == "point" and masks.has_strokes(strokes):
+        assert strokes is not None
+        probability = common.probability_maps(info.sha256, info.image_id, model)[kind]
+        within = None if kind == "lung" else current_mask(
+            common.db, info.image_id, "lung", pred, common.version_mask)
+        acted = edits.apply(apply_click(current, strokes, probability, within))
+    else:
+        acted = masks.has_strokes(strokes) and edits.apply(
+            masks.composite_strokes(current, strokes))
     if b_undo.button("Undo", disabled=not (can_edit and edits.can_undo()),
                      key="correction.undo", icon=":material/undo:",
                      shortcut=SHORTCUTS["undo"]):  # fmt: skip

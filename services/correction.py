@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +145,47 @@ def approved_lock(
     started on purpose (``revising`` names the head the user chose to revise), not by a stray
     stroke."""
     return can_edit and head is not None and head.status == "approved" and revising != head.id
+
+
+# ----------------------------------------------------------------------------- click tool
+CLICK_RADIUS = 0.03  # of the mask's longer side: the disk every click corrects at least
+
+
+def probability_maps(xray: Any, model: Any) -> dict[str, np.ndarray]:
+    """The model's lung and infection probability maps for a study (original grid), which the
+    click tool spreads its corrections along (``inference.click_refine``)."""
+    from inference.predict import predict
+
+    p = predict(xray, model)
+    return {"lung": p.lung_probability, "infection": p.infection_probability}
+
+
+def click_at(strokes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, bool] | None:
+    """Where on the mask grid the canvas's click mark is, and whether it adds (the add colour)
+    or removes; None without a mark."""
+    from services.masks import stroke_layers
+
+    add, erase = stroke_layers(strokes)
+    layer = add if add.sum() >= erase.sum() else erase
+    if not layer.any():
+        return None
+    ys, xs = np.nonzero(layer)
+    sy, sx = shape[0] / layer.shape[0], shape[1] / layer.shape[1]
+    y = min(shape[0] - 1, int(ys.mean() * sy))
+    x = min(shape[1] - 1, int(xs.mean() * sx))
+    return y, x, bool(add.sum() >= erase.sum())
+
+
+def apply_click(
+    current: np.ndarray, strokes: np.ndarray, probability: np.ndarray,
+    within: np.ndarray | None,
+) -> np.ndarray:
+    """The mask after the click marked on the canvas (unchanged without a mark)."""
+    from inference.click_refine import Click, refine
+
+    found = click_at(strokes, current.shape)
+    if found is None:
+        return current
+    y, x, positive = found
+    radius = CLICK_RADIUS * max(current.shape)
+    return refine(current, probability, [Click(y, x, positive)], radius, within)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,6 +170,7 @@ def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None
         fill_sign_in(page, name, TEST_PASSWORD)
         try:
             expect(signed_in).to_be_visible(timeout=20_000)
+            _check_page_follows(page)
             return
         except AssertionError as exc:
             wait_idle(page)
@@ -181,6 +183,23 @@ def sign_in(page, name: str, role: str = "annotator", attempts: int = 3) -> None
             if attempt == attempts:
                 raise AssertionError(f"Sign in not taken {attempts} times: script {state!r}, "
                                      f"sidebar {sidebar.inner_text()!r}") from exc
+
+
+def _check_page_follows(page) -> None:  # noqa: ANN001
+    """Open defect (seen once in CI, not reproduced in 15 loaded tries): the sidebar showed the
+    sign-in while the Correction page below kept its signed-out render (canvas disabled) after
+    the run ended. Said as a warning; the page is then opened again (what a user would do: the
+    session keeps the sign-in) and must then follow."""
+    from playwright.sync_api import expect
+
+    wait_idle(page)
+    stale = page.get_by_text("Sign in first (sidebar")
+    if not stale.count():
+        return
+    warnings.warn("open defect: the sidebar shows the sign-in, the Correction page kept its "
+                  "signed-out render; opened the page again", stacklevel=3)
+    go_to(page, "Correction")
+    expect(stale).to_have_count(0)
 
 
 def go_to(page, title: str) -> None:  # noqa: ANN001

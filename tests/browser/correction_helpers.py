@@ -154,7 +154,20 @@ def choose_tool(page: Page, label: str) -> None:
     canvas by tool), so that no click lands on the canvas of the tool before."""
     page.get_by_text(label, exact=True).click()
     slug = label.lower().replace(": ", "-")
-    expect(page.locator(f'[class*="-tool-{slug}"] canvas.dc-canvas').first).to_be_visible()
+    root = page.locator(f'[class*="-tool-{slug}"]').first
+    expect(root.locator("canvas.dc-canvas").first).to_be_visible()
+    # The new canvas takes its tool once loaded; its X-ray is drawn after that (and its size
+    # report reruns the page): wait for the X-ray, then for that run.
+    page.wait_for_function(BACKGROUND_DRAWN, arg=root.locator("canvas.dc-background-canvas")
+                           .element_handle())
+    wait_idle(page)
+
+
+BACKGROUND_DRAWN = """(el) => {
+    const d = el.getContext('2d').getImageData(0, 0, el.width, el.height).data;
+    for (let i = 3; i < d.length; i += 4 * 97) if (d[i] > 0) return true;
+    return false;
+}"""
 
 
 def edit_infection(page: Page, who: str) -> None:

@@ -14,6 +14,7 @@ import pytest
 from browser_helpers import go_to, sign_in, wait_idle
 from correction_helpers import (
     app_button,
+    canvas_box,
     choose_tool,
     draw_polygon,
     draw_stroke,
@@ -192,3 +193,31 @@ def test_keyboard_undo_redo_and_save(new_page, shot, app_server) -> None:
     saved = int(re.search(r"version (\d+)", message.inner_text()).group(1))
     stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
     assert (stored ^ model_mask(app_server, study, "infection")).sum() > 100  # the stroke
+
+
+def test_click_tool_changes_the_mask_and_the_version_is_saved(new_page, shot, app_server) -> None:
+    """Issue 14.2 (the click tool): a click where the lung mask is missing adds there, a remove
+    click takes it away again, and what is saved is the mask the page showed."""
+    study = image_id(app_server, "Normal/normal_1.png")
+    page = open_correction(new_page, study)
+    sign_in(page, "Cleo Clicker", "annotator")
+    expect(page.locator("canvas.dc-canvas").first).to_be_visible()
+    choose_tool(page, "Click: add")
+    box = canvas_box(page)
+    at = (box["x"] + 0.06 * box["width"], box["y"] + 0.06 * box["height"])  # no lung there
+    page.mouse.click(*at)
+    expect(metric_value(page, "Changed pixels")).not_to_have_text("0")
+    expect_drawing_layer_empty(page)  # the click became part of the mask, not a mark
+    shot(page, "clicked")
+    added = metric_value(page, "Changed pixels").inner_text()
+    saved = save_draft(page)
+    stored = dict((v.id, m) for v, m in versions(app_server, study, "lung"))[saved]
+    h, w = stored.shape
+    assert stored[int(0.06 * h), int(0.06 * w)]
+    assert not model_mask(app_server, study, "lung")[int(0.06 * h), int(0.06 * w)]
+
+    choose_tool(page, "Click: remove")
+    box = canvas_box(page)  # where the canvas is now, not where it was before the save
+    page.mouse.click(box["x"] + 0.06 * box["width"], box["y"] + 0.06 * box["height"])
+    expect(metric_value(page, "Changed pixels")).not_to_have_text(added)
+    wait_result_gray_at(page, 0.06, 0.06)  # no mask at the clicked place any more
