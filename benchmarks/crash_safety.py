@@ -60,14 +60,10 @@ def mask_digest(mask: np.ndarray) -> str:
 def writer(database_url: str, user_id: int, image_ids: list[int], saves: int, seed: int) -> None:
     """Save ``saves`` versions, acknowledging each on stdout once it has returned."""
     from database import annotation_versions
-    from database.session import make_engine, session_scope
     from services.mask_versions import save_mask
+    from services.storage import open_store
 
-    engine = make_engine(database_url)
-
-    def scope(write: bool = True):  # noqa: ANN202 - services.ingest.SessionFactory
-        return session_scope(engine, write=write)
-
+    scope = open_store(database_url).scope
     rng = random.Random(seed)
     for _ in range(saves):
         image_id = rng.choice(image_ids)
@@ -102,10 +98,10 @@ class Round:
 def set_up(database_url: str, writers: int) -> tuple[list[int], list[int]]:
     """A fresh database with ``IMAGES`` images and one annotator per writer."""
     from database import images, users
-    from database.session import init_db, session_scope
+    from services.storage import open_store
 
-    engine = init_db(database_url)
-    with session_scope(engine) as s:
+    store = open_store(database_url)
+    with store.scope() as s:
         image_ids = []
         for n in range(IMAGES):
             payload = f"crash-safety-{n}".encode() * 8
@@ -117,7 +113,7 @@ def set_up(database_url: str, writers: int) -> tuple[list[int], list[int]]:
             int(users.create_user(s, f"Writer {n}", "annotator", "crash-safety-pw", by=None).id)
             for n in range(writers)
         ]
-    engine.dispose()
+    store.engine.dispose()
     return image_ids, user_ids
 
 

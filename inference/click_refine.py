@@ -63,14 +63,12 @@ def click_region(
     y, x = click.y, click.x
     bound = np.asarray(within, bool) if within is not None and click.positive else None
     brush = disk(mask.shape, y, x, radius)
-    if click.positive:
+    if click.positive:  # nothing to grow where the model saw nothing: the brush disk alone
         seen = p[y, x] >= MIN_PROBABILITY
-        region = (_component(p >= max(MIN_PROBABILITY, RELATIVE * float(p[y, x])), y, x)
-                  if seen else brush)
-    elif mask[y, x]:
-        region = _component(mask & (p <= float(p[y, x]) + MARGIN), y, x)
-    else:
-        region = brush & mask
+        candidates = p >= max(MIN_PROBABILITY, RELATIVE * float(p[y, x])) if seen else None
+    else:  # a click off the mask removes only the brush disk's part of it
+        candidates = mask & (p <= float(p[y, x]) + MARGIN)
+    region = _component(candidates, y, x) if candidates is not None else np.zeros_like(mask)
     if region.mean() > MAX_REGION:
         region = np.zeros_like(mask)
     # A click corrects at least what a brush stroke there would.

@@ -166,14 +166,15 @@ def click_at(strokes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, boo
     from services.masks import stroke_layers
 
     add, erase = stroke_layers(strokes)
-    layer = add if add.sum() >= erase.sum() else erase
+    positive = bool(add.sum() >= erase.sum())
+    layer = add if positive else erase
     if not layer.any():
         return None
     ys, xs = np.nonzero(layer)
     sy, sx = shape[0] / layer.shape[0], shape[1] / layer.shape[1]
     y = min(shape[0] - 1, int(ys.mean() * sy))
     x = min(shape[1] - 1, int(xs.mean() * sx))
-    return y, x, bool(add.sum() >= erase.sum())
+    return y, x, positive
 
 
 def apply_click(
