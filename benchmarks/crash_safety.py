@@ -137,23 +137,24 @@ def acks(lines: list[str]) -> dict[int, str]:
 
 
 def check(database_url: str, acknowledged: dict[int, str], result: Round) -> None:
-    from sqlalchemy import select, text
-
-    from database import annotation_versions
-    from database.models import AnnotationVersion, AuditEvent, Image
-    from database.session import make_engine, session_scope
+    from database import annotation_versions, audit, images, worklist
+    from database.session import integrity_check, make_engine, session_scope
 
     engine = make_engine(database_url)
     try:
-        with engine.connect() as conn:
-            result.integrity = str(conn.execute(text("PRAGMA integrity_check")).scalar())
+        result.integrity = integrity_check(engine)
         with session_scope(engine, write=False) as s:
-            sizes = {i.id: (i.height, i.width) for i in s.scalars(select(Image))}
-            rows = list(s.scalars(select(AnnotationVersion)))
+            image_ids = [r.image_id for r in worklist.worklist(s)]
+            sizes = {}
+            for image_id in image_ids:
+                image = images.get_image(s, image_id)
+                assert image is not None
+                sizes[image_id] = (image.height, image.width)
+            rows = [v for i in image_ids for v in annotation_versions.list_versions(s, i)]
             ids = {v.id for v in rows}
             audited: dict[int, int] = {}  # version id -> its audit records
-            for detail in s.scalars(select(AuditEvent.detail)):
-                found = re.match(r"infection mask version (\d+)", detail or "")
+            for event in audit.list_events(s, audit.EventFilter(limit=None)):
+                found = re.match(r"infection mask version (\d+)", event.detail or "")
                 if found:
                     audited[int(found.group(1))] = audited.get(int(found.group(1)), 0) + 1
             result.versions = len(rows)

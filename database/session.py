@@ -157,3 +157,12 @@ def session_scope(engine: Engine, *, write: bool = True) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def integrity_check(engine: Engine) -> str:
+    """SQLite's ``PRAGMA integrity_check`` ("ok" when the file is whole); "n/a" elsewhere."""
+    if engine.dialect.name != "sqlite":
+        return "n/a"
+    with engine.connect() as conn:
+        return str(conn.execute(text("PRAGMA integrity_check")).scalar())
+
