@@ -132,6 +132,8 @@ def test_admin_creates_a_user_who_signs_in_and_the_audit_lists_it(
     wait_idle(nick)
     shot(nick, "nick-signed-in")
 
+    go_to(admin, "Worklist")  # away and back: a fresh run of the Admin page after Nick's actions
+    expect(admin.get_by_role("heading", name="Worklist")).to_be_visible()
     go_to(admin, "Admin")
     expect(admin.get_by_role("heading", name="Audit trail")).to_be_visible()
     wait_idle(admin)
