@@ -49,6 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent
 SHIPPED_CHECKPOINT = REPO_ROOT / "models" / "infmap.pt"
+# The click-refinement network of the correction page's click tool (inference.click_model).
+SHIPPED_CLICK_CHECKPOINT = REPO_ROOT / "models" / "infmap_click.pt"
 SAMPLES_DIR = REPO_ROOT / "samples"
 DEFAULT_DATABASE_PATH = REPO_ROOT / "data" / "infmap.sqlite"
 DEFAULT_DATA_DIR = REPO_ROOT / "data"

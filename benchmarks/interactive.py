@@ -10,9 +10,12 @@ region farthest from its border), positive where the mask misses the reference a
 where it wrongly has it, at most ``--max-clicks`` (20). After each click the Dice with the
 reference is taken, per image (two empty masks agree: 1.0).
 
-- ``click``: ``inference.click_refine.refine`` with the model's probability map for that mask.
-- ``brush``: the fair baseline, a disk of the same radius (3 % of the image side) painted or
-  erased at the same place.
+- ``model``: the click-refinement network (``inference.click_model``, ``--click-checkpoint``):
+  after each click it sees all clicks so far and the current masks (``training.click_eval``).
+- ``click``: ``inference.click_refine.refine``, the probability-guided baseline, with the
+  ordinary model's probability map for that mask.
+- ``brush``: the fair baseline, a disk of radius 3 % of the image side painted or erased at the
+  same place.
 
 Both start from the model's mask ("from the prediction") and from an empty mask ("from
 nothing"). Infection clicks are bounded by the reference lung mask (the annotator fixes the lungs
@@ -20,7 +23,8 @@ first) and counted on COVID-19 images only (the others have no infection to outl
 per mask kind, method and start: NoC@85 and NoC@90 (mean clicks until Dice >= 0.85 / 0.90, an
 image that never gets there counting as ``--max-clicks``), the share of images that never get
 there, and the mean Dice after 0, 1, 3 and 5 clicks. The model runs once per image (the
-probability maps); a click costs no forward pass, its time is measured too.
+probability maps); a baseline click costs no forward pass. The network's time per refinement is
+measured on one image at a time (one forward pass at 256², the app's case).
 """
 
 from __future__ import annotations
@@ -32,27 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 import settings
-from inference.click_refine import EIGHT, Click, disk, refine
+from inference.click_refine import Click, disk, refine
+from inference.click_sim import next_click
 from services.masks import dice  # per image; two empty masks agree (1.0)
 
 THRESHOLDS = (0.85, 0.90)
 REPORTED_CLICKS = (0, 1, 3, 5)
-
-
-def next_click(mask: np.ndarray, truth: np.ndarray) -> Click | None:
-    """At the centre of the largest error region; None when there is no error."""
-    error = mask ^ truth
-    if not error.any():
-        return None
-    labels, n = ndimage.label(error, structure=EIGHT)
-    sizes = ndimage.sum_labels(error, labels, index=np.arange(1, n + 1))
-    largest = labels == (int(np.argmax(sizes)) + 1)
-    depth = ndimage.distance_transform_edt(np.pad(largest, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
-    return Click(int(y), int(x), bool(truth[y, x]))
 
 
 def brush(mask: np.ndarray, click: Click, radius: float, within: np.ndarray | None) -> np.ndarray:
@@ -110,52 +101,89 @@ def summarize(traces: list[Trace], max_clicks: int) -> dict[str, object]:
     return out
 
 
+def network_traces(
+    click_model: object, images: np.ndarray, truth: np.ndarray, start: np.ndarray,
+    other: np.ndarray, kind: str, within: np.ndarray | None, max_clicks: int,
+) -> list[Trace]:
+    from training.click_eval import simulate_clicks
+
+    run_ = simulate_clicks(click_model, images, truth, start, other, kind,  # type: ignore[arg-type]
+                           max_clicks, within=within, stop_at=max(THRESHOLDS), bf16=True)
+    return [Trace(list(map(float, row)), []) for row in run_.dices]
+
+
+def refinement_ms(click_model: object, images: np.ndarray, repeats: int = 30) -> float:
+    """Median time of one refinement of one 256² image (one forward pass, no batching)."""
+    import torch
+
+    from inference.click_model import forward_probabilities
+
+    size = images.shape[1]
+    img = torch.from_numpy(images[:1]).float().div_(255.0).unsqueeze(1)
+    guidance = torch.zeros(1, 6, size, size)
+    times = []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        forward_probabilities(click_model, img, guidance, bf16=True)  # type: ignore[arg-type]
+        times.append(time.perf_counter() - t0)
+    return round(1000 * float(np.median(times[3:])), 1)
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     from inference.model import load_checkpoint
     from training.data import CLASS_NAMES
-    from training.evaluate import load_eval_split
+    from training.evaluate import load_eval_split, predict_arrays
     from training.outputs import run_network
 
     model = load_checkpoint(args.checkpoint)
+    click_model = (load_checkpoint(args.click_checkpoint)
+                   if args.click_checkpoint and args.click_checkpoint.is_file() else None)
     size = model.config.input_size
     data = load_eval_split(args.data, args.split, size, args.limit, args.cache_dir)
     t0 = time.perf_counter()
     raw = run_network(model, data.images, batch_size=8, bf16=True)
     forward_s = (time.perf_counter() - t0) / max(len(data), 1)
     assert raw.lung_prob is not None and raw.infection_prob is not None
+    preds = predict_arrays(model, data, batch_size=8, bf16=True)  # the app's masks
     covid = CLASS_NAMES.index("COVID-19")
     radius = 0.03 * size
-    calibration = model.calibration
+    methods = ("model", "click", "brush") if click_model is not None else ("click", "brush")
     results: dict[str, object] = {}
     for kind in ("lung", "infection"):
+        truths = (data.lungs if kind == "lung" else data.infections) > 0
+        keep = (np.ones(len(data), bool) if kind == "lung"
+                else (data.labels == covid) & truths.any((1, 2)))  # infection: COVID-19 only
+        lungs = data.lungs[keep] > 0
+        within = None if kind == "lung" else lungs  # the annotator fixes the lungs first
+        other = preds.infections[keep] if kind == "lung" else lungs
+        probs = (raw.lung_prob if kind == "lung" else raw.infection_prob)[keep]
         for start_name in ("prediction", "nothing"):
-            for method in ("click", "brush"):
-                traces = []
-                for i in range(len(data)):
-                    truth = data.lungs[i] > 0 if kind == "lung" else data.infections[i] > 0
-                    lung_truth = data.lungs[i] > 0
-                    if kind == "infection" and (data.labels[i] != covid or not truth.any()):
-                        continue
-                    prob = (raw.lung_prob[i] if kind == "lung" else raw.infection_prob[i])
-                    prob = prob.astype(np.float32)
-                    threshold = (calibration.lung_threshold if kind == "lung"
-                                 else calibration.infection_threshold)
-                    within = None if kind == "lung" else lung_truth
-                    start = (prob > threshold if start_name == "prediction"
-                             else np.zeros_like(truth))
-                    if within is not None:
-                        start &= within
-                    traces.append(simulate(start, truth, prob, method, radius, within,
-                                           args.max_clicks))
+            starts = ((preds.lungs if kind == "lung" else preds.infections)[keep].copy()
+                      if start_name == "prediction" else np.zeros_like(truths[keep]))
+            if within is not None:
+                starts &= within
+            for method in methods:
+                if method == "model":
+                    traces = network_traces(click_model, data.images[keep], truths[keep],
+                                            starts, other, kind, within, args.max_clicks)
+                else:
+                    traces = [simulate(starts[i], truths[keep][i],
+                                       probs[i].astype(np.float32), method, radius,
+                                       None if within is None else within[i], args.max_clicks)
+                              for i in range(len(starts))]
                 results[f"{kind}/{start_name}/{method}"] = summarize(traces, args.max_clicks)
                 print(kind, start_name, method, results[f"{kind}/{start_name}/{method}"],
                       flush=True)
-    return {
+    out: dict[str, object] = {
         "split": args.split, "images": len(data), "limit": args.limit,
         "checkpoint_version": model.meta.get("version"), "max_clicks": args.max_clicks,
         "radius_px": radius, "size": size, "forward_ms_per_image": round(1000 * forward_s, 1),
         "results": results,
     }
+    if click_model is not None:
+        out["click_checkpoint_version"] = click_model.meta.get("version")
+        out["click_refinement_ms"] = refinement_ms(click_model, data.images)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=settings.cli_path, default=settings.shared_data_dir())
     p.add_argument("--split", default="Val", choices=("Train", "Val", "Test"))
     p.add_argument("--checkpoint", type=settings.cli_path, default=settings.SHIPPED_CHECKPOINT)
+    p.add_argument("--click-checkpoint", type=settings.cli_path,
+                   default=settings.SHIPPED_CLICK_CHECKPOINT,
+                   help="the click-refinement network (the model method; skipped if absent)")
     p.add_argument("--cache-dir", type=settings.cli_path, default=None)
     p.add_argument("--limit", type=int, default=0, help="only this many images (0: all)")
     p.add_argument("--max-clicks", type=int, default=20)

@@ -50,6 +50,9 @@ class ModelConfig:
     # the predicted lung mask, so burned-in text, markers and collimation outside the lungs cannot
     # feed the diagnosis directly (2.0.0, against the source shortcuts of DeGrave et al. 2021).
     head_pooling: str = "avg"
+    # What the input channels hold: the X-ray alone, or (the click-refinement network,
+    # ``inference.click_model.CLICK_INPUTS``) the X-ray plus click maps and current masks.
+    inputs: list[str] = field(default_factory=lambda: ["image"])
 
 
 HEAD_POOLINGS = ("avg", "lung")
@@ -96,6 +99,8 @@ class InfMapNet(nn.Module):
             raise ValueError(f"unknown architecture {config.architecture!r}")
         if config.head_pooling not in HEAD_POOLINGS:
             raise ValueError(f"unknown head pooling {config.head_pooling!r}")
+        if len(config.inputs) != config.in_channels:
+            raise ValueError(f"{config.in_channels} input channels but inputs {config.inputs}")
         self.config = config
         self.net = ARCHITECTURES[config.architecture](
             encoder_name=config.encoder_name,

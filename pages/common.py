@@ -56,6 +56,13 @@ def load_model(path: str | Path) -> LoadedModel:
     return _load_model(str(path), path.stat().st_mtime_ns)
 
 
+def click_network() -> LoadedModel | None:
+    """The click-refinement network (issue 14), if it ships; None: the click tool falls back to
+    the probability-guided baseline. Loaded once per file version."""
+    path = settings.SHIPPED_CLICK_CHECKPOINT
+    return load_model(path) if path.is_file() else None
+
+
 @st.cache_resource(show_spinner=False)
 def _bootstrap(url: str, checkpoint: str, samples: str) -> boot.BootstrapReport:
     return boot.bootstrap(db, Path(checkpoint), Path(samples), load_model)
@@ -278,6 +285,25 @@ def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
     if info is None:
         st.error("This study no longer exists.")
     return info
+
+
+def study_steps(current: int, key: str, shortcuts: dict[str, str]) -> None:
+    """Previous / next study buttons (worklist order) for the picker keyed ``key``."""
+    ids = [r.image_id for r in studies.worklist(db)]
+    if current not in ids or len(ids) < 2:
+        return
+    i = ids.index(current)
+
+    def go(image_id: int) -> None:  # before the next run renders the picker
+        st.session_state[key] = image_id
+
+    prev_col, next_col, _ = st.columns([2, 2, 5])
+    prev_col.button("Previous study", key=f"{key}.previous", icon=":material/arrow_back:",
+                    disabled=i == 0, on_click=go, args=(ids[max(0, i - 1)],),
+                    shortcut=shortcuts["previous"])  # fmt: skip
+    next_col.button("Next study", key=f"{key}.next", icon=":material/arrow_forward:",
+                    disabled=i == len(ids) - 1, on_click=go, args=(ids[min(len(ids) - 1, i + 1)],),
+                    shortcut=shortcuts["next"])  # fmt: skip
 
 
 def model_notice(message: str | None) -> None:

@@ -39,21 +39,82 @@ WORK = "correction.work"
 FLASH = "correction.flash"
 KEPT_KIND = "correction.kept_kind"  # the mask choice, kept while other pages are open
 # Keyboard shortcuts (Ctrl is Cmd on a Mac; Streamlit shows each on its button), listed on the page.
-SHORTCUTS = {"undo": "Ctrl+Z", "redo": "Ctrl+Shift+Z", "draft": "Ctrl+S", "submitted": "Ctrl+Enter"}
+SHORTCUTS = {"undo": "Ctrl+Z", "redo": "Ctrl+Shift+Z", "draft": "Ctrl+S", "submitted": "Ctrl+Enter",
+             "next": "N", "previous": "Shift+N"}
+TOOL = "correction.tool"
 TOOLS = {
     "Brush: add": ("freedraw", masks.ADD_COLOR),
     "Brush: erase": ("freedraw", masks.ERASE_COLOR),
     "Polygon: add": ("polygon", masks.ADD_COLOR),
     "Polygon: erase": ("polygon", masks.ERASE_COLOR),
-    # A click marks a wrong pixel; the model's probability map says how far the fix spreads.
+    # A click marks a wrong pixel; the click-refinement network redraws the mask around the
+    # clicks (the probability-guided baseline where the network does not ship).
     "Click: add": ("point", masks.ADD_COLOR),
     "Click: remove": ("point", masks.ERASE_COLOR),
 }
+# One letter per tool, Shift for its erasing twin (Streamlit ignores them while typing in a field).
+TOOL_KEYS = {"Brush: add": "B", "Brush: erase": "Shift+B", "Polygon: add": "P",
+             "Polygon: erase": "Shift+P", "Click: add": "K", "Click: remove": "Shift+K"}
+# Pan with W/A/S/D, not the arrows: an arrow key also moves the focused radio (the mask choice).
+VIEW_KEYS = {"in": "I", "out": "O", "left": "A", "right": "D", "up": "W", "down": "S", "fit": "F"}
+KEYS_HELP = (
+    "Keys: B / Shift+B brush add / erase, P / Shift+P polygon add / erase, K / Shift+K click "
+    "add / remove; I / O zoom in / out, W / A / S / D pan up / left / down / right, F whole "
+    "image; Ctrl+Z undo, Ctrl+Shift+Z redo, Ctrl+S save draft, Ctrl+Enter submit for review; "
+    "N / Shift+N next / previous study (Cmd for Ctrl on a Mac). Letter keys act when no field "
+    "or choice has the focus: click the canvas or the page first."
+)
 
 
 def tool_slug(tool: str) -> str:
     """``"Polygon: erase"`` -> ``"polygon-erase"`` (the canvas key's tool part)."""
     return tool.lower().replace(": ", "-")
+
+
+def view_slug(view: masks.View) -> str:
+    return f"view-{view.zoom}-{view.cy:.4f}-{view.cx:.4f}".replace(".", "_")
+
+
+def tool_buttons() -> str:
+    """The drawing tools as buttons with their keys; returns the chosen tool."""
+    tool = st.session_state.get(TOOL)
+    if tool not in TOOLS:
+        tool = st.session_state[TOOL] = "Brush: add"
+
+    def choose(name: str) -> None:
+        st.session_state[TOOL] = name
+
+    st.markdown("**Tool**")
+    for col, name in zip(st.columns(len(TOOLS)), TOOLS, strict=True):
+        col.button(name, key=f"correction.tool.{tool_slug(name)}", on_click=choose, args=(name,),
+                   type="primary" if name == tool else "secondary", shortcut=TOOL_KEYS[name],
+                   width="stretch")  # fmt: skip
+    return tool
+
+
+def view_controls(work: Work, shape: tuple[int, int]) -> None:
+    """Zoom and pan buttons (with keys) for the canvas of ``work``, and where it is."""
+    view = work.view
+
+    def set_view(new: masks.View) -> None:
+        work.view = new
+
+    cols = st.columns(7)
+    moves = (("Zoom in", "in", view.zoomed(1), ":material/zoom_in:", view.zoom == masks.ZOOMS[-1]),
+             ("Zoom out", "out", view.zoomed(-1), ":material/zoom_out:", view.zoom == 1),
+             ("Left", "left", view.panned(0, -1, shape), ":material/arrow_left:", view.zoom == 1),
+             ("Right", "right", view.panned(0, 1, shape), ":material/arrow_right:",
+              view.zoom == 1),
+             ("Up", "up", view.panned(-1, 0, shape), ":material/arrow_drop_up:", view.zoom == 1),
+             ("Down", "down", view.panned(1, 0, shape), ":material/arrow_drop_down:",
+              view.zoom == 1),
+             ("Fit", "fit", masks.View(), ":material/fit_screen:", view.zoom == 1))
+    for col, (label, name, new, icon, disabled) in zip(cols, moves, strict=True):
+        col.button(label, key=f"correction.zoom.{name}", icon=icon, disabled=disabled,
+                   on_click=set_view, args=(new,), shortcut=VIEW_KEYS[name],
+                   help=f"{label} ({VIEW_KEYS[name]})")  # fmt: skip
+    st.caption(f"Showing {view.describe(shape)}; strokes edit the mask at the image's "
+                     "own resolution.")
 
 
 def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
@@ -149,6 +210,7 @@ def main() -> None:
     info = common.study_picker(common.selected_study_id(), key="correction.study")
     if info is None:
         return
+    common.study_steps(info.image_id, "correction.study", SHORTCUTS)
     common.audit_view(info.image_id, "correction")
     # Every message that comes and goes is written into this one container, so the widgets
     # below keep their place in the page: a canvas that moves is remounted, which would drop
@@ -212,9 +274,10 @@ def main() -> None:
                 st.rerun()
     can_edit = can_edit and not locked
 
-    t1, t2, t3 = st.columns([6, 2, 2], vertical_alignment="bottom")  # the tools on one line
-    with t1:
-        tool = st.radio("Tool", list(TOOLS), horizontal=True, key="correction.tool")
+    tool = tool_buttons()
+    edits = work.edits_for(model_mask, common.version_mask)
+    view_controls(work, edits.shape)
+    t2, t3 = st.columns(2)
     with t2:
         brush = st.slider("Brush size", 2, 80, 24, key="correction.brush")
     with t3:
@@ -222,22 +285,25 @@ def main() -> None:
     mode, stroke = TOOLS[tool]
     b_undo, b_redo, b_clear, b_reset, _ = st.columns([2, 3, 1.2, 3, 0.8])  # room for the keys
 
-    edits = work.edits_for(model_mask, common.version_mask)
+    network = common.click_network()
     current = edits.current()
-    ch, cw = masks.canvas_size(*current.shape)
+    ys, xs = work.view.window(current.shape)  # the canvas shows this window of the image
+    ch, cw = masks.canvas_size(ys.stop - ys.start, xs.stop - xs.start)
     background = Image.fromarray(
-        display.mask_on_xray(xray.pixels, current, color, opacity, (ch, cw))
+        display.mask_on_xray(xray.pixels[ys, xs], current[ys, xs], color, opacity, (ch, cw))
     )
     left, right = st.columns([3, 2])
     with left:
         st.caption(
             f"Editing the {studies.KIND_LABELS[kind].lower()} starting from {work.base_label()}. "
             "Green strokes add, magenta strokes erase; a polygon closes when you click its "
-            "first point; Click: add / remove marks a pixel the mask gets wrong, and the fix "
-            "spreads as far as the model's probability map says (at least a brush spot). "
-            "Each finished shape becomes part of the mask at once: use Undo, "
-            "Redo and Clear above the canvas. Keys: Ctrl+Z undo, Ctrl+Shift+Z redo, Ctrl+S "
-            "save draft, Ctrl+Enter submit for review (Cmd on a Mac)."
+            "first point; Click: add / remove marks a pixel the mask gets wrong and "
+            + ("the click-refinement network redraws the mask around all your clicks. "
+               if network is not None else
+               "the fix spreads as far as the model's probability map says (at least a "
+               "brush spot). ")
+            + "Each finished shape becomes part of the mask at once: use Undo, "
+            "Redo and Clear above the canvas. " + KEYS_HELP
         )
         result = st_canvas(
             fill_color=masks.canvas_color(stroke),
@@ -252,19 +318,22 @@ def main() -> None:
             disabled=not can_edit,
             # Keyed by tool too: a tool change mounts a canvas already in that mode, so no
             # click lands in the old mode while the new settings are on their way.
-            key=f"correction.canvas.{info.image_id}.{kind}.{work.canvas}.tool-{tool_slug(tool)}",
+            key=(f"correction.canvas.{info.image_id}.{kind}.{work.canvas}.{view_slug(work.view)}"
+                 f".tool-{tool_slug(tool)}"),
         )
     # The shape just drawn joins the history before any button of this run acts on it.
     strokes = result.image_data if can_edit else None
     if mode == "point" and masks.has_strokes(strokes):
         assert strokes is not None
-        probability = common.probability_maps(info.sha256, info.image_id, model)[kind]
-        within = None if kind == "lung" else current_mask(
-            common.db, info.image_id, "lung", pred, common.version_mask)
-        acted = edits.apply(apply_click(current, strokes, probability, within))
+        other = current_mask(common.db, info.image_id, "infection" if kind == "lung" else "lung",
+                             pred, common.version_mask)
+        acted = apply_click(
+            edits, strokes, kind, other, None if kind == "lung" else other, xray.pixels,
+            network, lambda: common.probability_maps(info.sha256, info.image_id, model)[kind],
+            work.view)
     else:
         acted = masks.has_strokes(strokes) and edits.apply(
-            masks.composite_strokes(current, strokes))
+            masks.composite_in_view(current, strokes, work.view))
     if b_undo.button("Undo", disabled=not (can_edit and edits.can_undo()),
                      key="correction.undo", icon=":material/undo:",
                      shortcut=SHORTCUTS["undo"]):  # fmt: skip

@@ -10,7 +10,7 @@ the ``version_mask`` callable the page passes (its cached reader).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from services import studies
 from services.editing import MaskEdits
 from services.ingest import SessionFactory
+from services.masks import View
 from services.text import fmt_time
 
 MODEL = "model"  # the base of an edit started from the model's mask
@@ -30,6 +31,7 @@ class Work:
     base: int | str  # MODEL or a version id: the mask the edit started from
     nonce: int = 0  # bumped by every action that outdates the last message
     canvas: int = 0  # bumped to give the canvas an empty drawing layer
+    view: View = field(default_factory=View)  # what part of the image the canvas shows
     edits: MaskEdits | None = None  # None until the base mask has been read
 
     @classmethod
@@ -148,7 +150,7 @@ def approved_lock(
 
 
 # ----------------------------------------------------------------------------- click tool
-CLICK_RADIUS = 0.03  # of the mask's longer side: the disk every click corrects at least
+CLICK_RADIUS = 0.03  # of the mask's longer side: the disk a baseline click corrects at least
 
 
 def probability_maps(xray: Any, model: Any) -> dict[str, np.ndarray]:
@@ -160,9 +162,12 @@ def probability_maps(xray: Any, model: Any) -> dict[str, np.ndarray]:
     return {"lung": p.lung_probability, "infection": p.infection_probability}
 
 
-def click_at(strokes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, bool] | None:
-    """Where on the mask grid the canvas's click mark is, and whether it adds (the add colour)
-    or removes; None without a mark."""
+def click_at(
+    strokes: np.ndarray, shape: tuple[int, int], view: View | None = None,
+) -> tuple[int, int, bool] | None:
+    """Where on the mask grid (``shape``) the canvas's click mark is, the canvas showing
+    ``view``'s window of it, and whether it adds (the add colour) or removes; None without a
+    mark."""
     from services.masks import stroke_layers
 
     add, erase = stroke_layers(strokes)
@@ -170,23 +175,40 @@ def click_at(strokes: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, boo
     layer = add if positive else erase
     if not layer.any():
         return None
+    ys_win, xs_win = (view or View()).window(shape)
+    wh, ww = ys_win.stop - ys_win.start, xs_win.stop - xs_win.start
     ys, xs = np.nonzero(layer)
-    sy, sx = shape[0] / layer.shape[0], shape[1] / layer.shape[1]
-    y = min(shape[0] - 1, int(ys.mean() * sy))
-    x = min(shape[1] - 1, int(xs.mean() * sx))
+    y = ys_win.start + min(wh - 1, int((ys.mean() + 0.5) * wh / layer.shape[0]))
+    x = xs_win.start + min(ww - 1, int((xs.mean() + 0.5) * ww / layer.shape[1]))
     return y, x, positive
 
 
 def apply_click(
-    current: np.ndarray, strokes: np.ndarray, probability: np.ndarray,
-    within: np.ndarray | None,
-) -> np.ndarray:
-    """The mask after the click marked on the canvas (unchanged without a mark)."""
+    edits: MaskEdits, strokes: np.ndarray, kind: str, other: np.ndarray,
+    within: np.ndarray | None, pixels: np.ndarray, network: Any | None,
+    probability: Callable[[], np.ndarray], view: View | None = None,
+) -> bool:
+    """Commit the click marked on the canvas into ``edits``; False without a mark or change.
+
+    With the click-refinement network (``network``, ``inference.click_model``) the mask is
+    redrawn from the X-ray, every click of this edit so far and the current masks (``other``:
+    the other kind's). Without it, the probability-guided baseline spreads the click along the
+    ordinary model's map (``probability``, computed only then). The click is kept with the new
+    state, so undo takes it back from the network too."""
+    from inference.click_model import KINDS, refine_mask
     from inference.click_refine import Click, refine
 
-    found = click_at(strokes, current.shape)
+    current = edits.current()
+    found = click_at(strokes, current.shape, view)
     if found is None:
-        return current
+        return False
     y, x, positive = found
-    radius = CLICK_RADIUS * max(current.shape)
-    return refine(current, probability, [Click(y, x, positive)], radius, within)
+    marks = (*edits.current_clicks(), (y, x, positive))
+    if network is not None:
+        other_kind = KINDS[1 - KINDS.index(kind)]
+        new = refine_mask(network, pixels, kind, [Click(*m) for m in marks],
+                          {kind: current, other_kind: other}, within)
+    else:
+        radius = CLICK_RADIUS * max(current.shape)
+        new = refine(current, probability(), [Click(y, x, positive)], radius, within)
+    return edits.apply(new, clicks=marks)

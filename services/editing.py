@@ -9,6 +9,9 @@ per-vertex for polygons and is not reported back in polygon mode: streamlit-draw
 0.13 sends undo/redo only when ``update_streamlit`` applies, which it never does for polygons.)
 
 States are whole masks, bit-packed (an 1024x1024 mask is 128 KiB), at most ``MAX_STATES``.
+Each state also keeps the clicks of the click tool that led to it (on the mask grid): the
+click-refinement network sees all of them, so undoing a click takes it back from the network
+too. A brush or polygon edit keeps the clicks so far; clear and starting again drop them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_STATES = 60
+ClickMark = tuple[int, int, bool]  # (y, x, positive) on the mask grid
 
 
 def _pack(mask: np.ndarray) -> bytes:
@@ -31,11 +35,13 @@ class MaskEdits:
     shape: tuple[int, int]
     states: list[bytes] = field(default_factory=list)
     position: int = 0
+    clicks: list[tuple[ClickMark, ...]] = field(default_factory=list)  # one entry per state
 
     @classmethod
     def starting_from(cls, mask: np.ndarray) -> MaskEdits:
         mask = np.asarray(mask, bool)
-        return cls(shape=(int(mask.shape[0]), int(mask.shape[1])), states=[_pack(mask)])
+        return cls(shape=(int(mask.shape[0]), int(mask.shape[1])), states=[_pack(mask)],
+                   clicks=[()])
 
     def _unpack(self, index: int) -> np.ndarray:
         h, w = self.shape
@@ -44,6 +50,10 @@ class MaskEdits:
 
     def current(self) -> np.ndarray:
         return self._unpack(self.position)
+
+    def current_clicks(self) -> tuple[ClickMark, ...]:
+        """The clicks that led to the current state (empty when it has none)."""
+        return self.clicks[self.position] if self.position < len(self.clicks) else ()
 
     def start(self) -> np.ndarray:
         """The mask the edit started from (what Clear returns to)."""
@@ -60,17 +70,23 @@ class MaskEdits:
     def can_redo(self) -> bool:
         return self.position < len(self.states) - 1
 
-    def apply(self, mask: np.ndarray) -> bool:
-        """Make ``mask`` the current state (dropping any redo); False if nothing changed."""
+    def apply(self, mask: np.ndarray, clicks: tuple[ClickMark, ...] | None = None) -> bool:
+        """Make ``mask`` the current state (dropping any redo); False if nothing changed.
+        ``clicks``: the clicks that led to it (default: those of the current state)."""
         mask = np.asarray(mask, bool)
         if mask.shape != self.shape:
             raise ValueError(f"mask shape {mask.shape} is not the edited {self.shape}")
         packed = _pack(mask)
         if packed == self.states[self.position]:
             return False
+        marks = self.current_clicks() if clicks is None else tuple(clicks)
+        while len(self.clicks) < len(self.states):  # histories from before clicks were kept
+            self.clicks.append(())
         self.states = [*self.states[: self.position + 1], packed]
+        self.clicks = [*self.clicks[: self.position + 1], marks]
         if len(self.states) > MAX_STATES:  # forget the oldest steps, keep the start
             self.states = [self.states[0], *self.states[-(MAX_STATES - 1) :]]
+            self.clicks = [self.clicks[0], *self.clicks[-(MAX_STATES - 1) :]]
         self.position = len(self.states) - 1
         return True
 
@@ -87,5 +103,5 @@ class MaskEdits:
         return True
 
     def clear(self) -> bool:
-        """Back to the starting mask, as one more (undoable) step."""
-        return self.apply(self.start())
+        """Back to the starting mask, as one more (undoable) step, without clicks."""
+        return self.apply(self.start(), clicks=())

@@ -11,6 +11,8 @@ grid and applies them to the base mask. Unedited pixels keep the full resolution
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -99,3 +101,57 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def changed_pixels(a: np.ndarray, b: np.ndarray) -> int:
     return int((np.asarray(a, bool) ^ np.asarray(b, bool)).sum())
+
+
+# ----------------------------------------------------------------------------- zoom and pan
+ZOOMS = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class View:
+    """What part of the image the canvas shows: ``zoom`` times magnified around the centre
+    (``cy``, ``cx``, fractions of the image). Strokes drawn on a zoomed canvas are applied to
+    that window of the mask on the image's own grid, so at 4x a 2000-pixel X-ray is edited at
+    its full resolution (the canvas shows its 500-pixel window on 512 canvas pixels)."""
+
+    zoom: int = 1
+    cy: float = 0.5
+    cx: float = 0.5
+
+    def window(self, shape: tuple[int, int]) -> tuple[slice, slice]:
+        h, w = shape
+        wh, ww = max(1, round(h / self.zoom)), max(1, round(w / self.zoom))
+        y0 = min(max(0, round(self.cy * h - wh / 2)), h - wh)
+        x0 = min(max(0, round(self.cx * w - ww / 2)), w - ww)
+        return slice(y0, y0 + wh), slice(x0, x0 + ww)
+
+    def zoomed(self, step: int) -> View:
+        """One zoom level in (``step`` 1) or out (-1), about the same centre."""
+        i = min(max(0, ZOOMS.index(self.zoom) + step), len(ZOOMS) - 1)
+        return View(ZOOMS[i], self.cy, self.cx) if ZOOMS[i] > 1 else View()
+
+    def panned(self, dy: int, dx: int, shape: tuple[int, int]) -> View:
+        """Half a window up/down (``dy`` -1/1) or left/right (``dx``), kept inside the image."""
+        ys, xs = self.window(shape)
+        h, w = shape
+        half_h, half_w = (ys.stop - ys.start) / h / 2, (xs.stop - xs.start) / w / 2
+        cy = min(max(half_h, (ys.start + ys.stop) / 2 / h + dy * half_h), 1 - half_h)
+        cx = min(max(half_w, (xs.start + xs.stop) / 2 / w + dx * half_w), 1 - half_w)
+        return View(self.zoom, cy, cx)
+
+    def describe(self, shape: tuple[int, int]) -> str:
+        ys, xs = self.window(shape)
+        if self.zoom == 1:
+            return f"the whole image ({shape[1]}×{shape[0]} pixels)"
+        return (f"{self.zoom}× zoom: columns {xs.start}–{xs.stop - 1}, rows {ys.start}–"
+                f"{ys.stop - 1} of {shape[1]}×{shape[0]}")
+
+
+def composite_in_view(base_mask: np.ndarray, rgba: np.ndarray | None, view: View) -> np.ndarray:
+    """``composite_strokes`` for a canvas that shows ``view``'s window: the strokes change only
+    that window, on the image's own grid; the rest of the mask is untouched."""
+    base = np.asarray(base_mask, dtype=bool)
+    ys, xs = view.window(base.shape)
+    out = base.copy()
+    out[ys, xs] = composite_strokes(base[ys, xs], rgba)
+    return out

@@ -154,7 +154,7 @@ def choose_tool(page: Page, label: str) -> None:
     canvas by tool), so that no click lands on the canvas of the tool before."""
     page.get_by_text(label, exact=True).click()
     slug = label.lower().replace(": ", "-")
-    root = page.locator(f'[class*="-tool-{slug}"]').first
+    root = page.locator(f'[class*="correction-canvas"][class*="-tool-{slug}"]').first
     expect(root.locator("canvas.dc-canvas").first).to_be_visible()
     # The new canvas takes its tool once loaded; its X-ray is drawn after that (and its size
     # report reruns the page): wait for the X-ray, then for that run.

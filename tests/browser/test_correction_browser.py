@@ -220,3 +220,60 @@ def test_click_tool_changes_the_mask_and_the_version_is_saved(new_page, shot, ap
     page.mouse.click(box["x"] + 0.06 * box["width"], box["y"] + 0.06 * box["height"])
     expect(metric_value(page, "Changed pixels")).not_to_have_text(added)
     wait_result_gray_at(page, 0.06, 0.06)  # no mask at the clicked place any more
+
+
+def _canvas_showing(page, view: str) -> None:  # noqa: ANN001
+    """Wait for the canvas of ``view`` (its key part, e.g. ``view-4-``) with its X-ray drawn."""
+    from correction_helpers import BACKGROUND_DRAWN
+
+    root = page.locator(f'[class*="correction-canvas"][class*="-{view}"]').first
+    expect(root.locator("canvas.dc-canvas").first).to_be_visible()
+    page.wait_for_function(BACKGROUND_DRAWN, arg=root.locator("canvas.dc-background-canvas")
+                           .element_handle())
+    wait_idle(page)
+
+
+def test_tool_keys_zoom_and_pan_edit_at_full_resolution_and_next_study(
+    new_page, shot, app_server,  # noqa: ANN001
+) -> None:
+    """Issue 14.2: K / B pick tools, I zooms, D pans; a stroke on the 4x canvas changes
+    only the window shown, at the image's own resolution; N opens the next study."""
+    study = image_id(app_server, "Normal/normal_1.png")  # its infection: no other test's
+    page = open_correction(new_page, study)
+    edit_infection(page, "Zoe Zoomer")
+    expect(page.get_by_text("I / O zoom in / out")).to_be_visible()  # the keys, listed
+
+    def primary(label: str):  # noqa: ANN202
+        return page.locator(f'.st-key-correction-tool-{label} [data-testid="stBaseButton-primary"]')
+
+    # Letter keys act when no field or choice has the focus (the mask choice just had it).
+    page.get_by_role("heading", name="Correction").click()
+    page.keyboard.press("k")
+    expect(primary("click-add")).to_have_count(1)
+    wait_idle(page)
+    page.keyboard.press("b")
+    expect(primary("brush-add")).to_have_count(1)
+    wait_idle(page)
+    for zoom in (2, 4):
+        page.keyboard.press("i")
+        expect(page.get_by_text(f"{zoom}× zoom")).to_be_visible()
+        _canvas_showing(page, f"view-{zoom}-")
+    page.keyboard.press("d")  # pan right: half a 64-pixel window
+    expect(page.get_by_text("4× zoom: columns 128–191, rows 96–159 of 256×256")).to_be_visible()
+    _canvas_showing(page, "view-4-0_5000-0_6250")
+    shot(page, "zoomed")
+    draw_stroke(page, (0.2, 0.5), (0.8, 0.5))  # 24-pixel brush = 3 image pixels at 4x
+    saved = save_draft(page)
+    stored = dict((v.id, m) for v, m in versions(app_server, study, "infection"))[saved]
+    changed = stored ^ model_mask(app_server, study, "infection")
+    ys, xs = np.nonzero(changed)
+    assert len(ys) > 50
+    assert ys.min() >= 96 and ys.max() <= 159 and xs.min() >= 128 and xs.max() <= 191
+    assert ys.max() - ys.min() <= 6  # a thin line: drawn at 4x, not at the image's 1/2 size
+    assert xs.max() - xs.min() >= 30  # across most of the 64-pixel window
+
+    wait_idle(page)
+    page.keyboard.press("n")  # the next study of the worklist: the page's address names it
+    expect(page).to_have_url(re.compile(rf"study=(?!{study}$)\d+$"))
+    expect(page.get_by_text("Editing the infection mask")).to_be_visible()
+    shot(page, "next-study")
