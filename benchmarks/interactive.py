@@ -34,6 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,6 +42,9 @@ import settings
 from inference.click_refine import Click, disk, refine
 from inference.click_sim import next_click
 from services.masks import dice  # per image; two empty masks agree (1.0)
+
+if TYPE_CHECKING:  # torch loads only when the network runs
+    from inference.model import LoadedModel
 
 THRESHOLDS = (0.85, 0.90)
 REPORTED_CLICKS = (0, 1, 3, 5)
@@ -102,17 +106,17 @@ def summarize(traces: list[Trace], max_clicks: int) -> dict[str, object]:
 
 
 def network_traces(
-    click_model: object, images: np.ndarray, truth: np.ndarray, start: np.ndarray,
+    click_model: LoadedModel, images: np.ndarray, truth: np.ndarray, start: np.ndarray,
     other: np.ndarray, kind: str, within: np.ndarray | None, max_clicks: int,
 ) -> list[Trace]:
     from training.click_eval import simulate_clicks
 
-    run_ = simulate_clicks(click_model, images, truth, start, other, kind,  # type: ignore[arg-type]
-                           max_clicks, within=within, stop_at=max(THRESHOLDS), bf16=True)
+    run_ = simulate_clicks(click_model, images, truth, start, other, kind, max_clicks,
+                           within=within, stop_at=max(THRESHOLDS), bf16=True)
     return [Trace(list(map(float, row)), []) for row in run_.dices]
 
 
-def refinement_ms(click_model: object, images: np.ndarray, repeats: int = 30) -> float:
+def refinement_ms(click_model: LoadedModel, images: np.ndarray, repeats: int = 30) -> float:
     """Median time of one refinement of one 256² image (one forward pass, no batching)."""
     import torch
 
@@ -124,7 +128,7 @@ def refinement_ms(click_model: object, images: np.ndarray, repeats: int = 30) ->
     times = []
     for _ in range(repeats + 3):
         t0 = time.perf_counter()
-        forward_probabilities(click_model, img, guidance, bf16=True)  # type: ignore[arg-type]
+        forward_probabilities(click_model, img, guidance, bf16=True)
         times.append(time.perf_counter() - t0)
     return round(1000 * float(np.median(times[3:])), 1)
 

@@ -54,7 +54,8 @@ def with_click_inputs(model: InfMapNet) -> InfMapNet:
     config = replace(model.config, inputs=list(CLICK_INPUTS), in_channels=len(CLICK_INPUTS))
     out = build_model(config)
     state = model.state_dict()
-    conv_name = next(n for n, m in out.named_modules() if m is _first_conv(out)) + ".weight"
+    first = _first_conv(out)
+    conv_name = next(n for n, m in out.named_modules() if m is first) + ".weight"
     old = state[conv_name]
     new = torch.zeros(old.shape[0], len(CLICK_INPUTS), *old.shape[2:], dtype=old.dtype)
     new[:, :1] = old

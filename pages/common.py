@@ -262,8 +262,11 @@ def selected_study_id() -> int | None:
     return int(value) if value is not None else None
 
 
-def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
-    """The selected study, with a select box to switch; None (and a hint) if there is none."""
+def study_picker(
+    current: int | None, key: str, steps: dict[str, str] | None = None,
+) -> studies.StudyInfo | None:
+    """The selected study, with a select box to switch; None (and a hint) if there is none.
+    ``steps``: also previous / next study buttons, with these keys (``previous``, ``next``)."""
     rows = studies.worklist(db)
     if not rows:
         st.info("No studies yet: upload one on the Worklist page.")
@@ -279,6 +282,8 @@ def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
         format_func=lambda i: f"#{i} · {names[i]}",
         key=key,
     )
+    if steps is not None:
+        study_steps(ids, chosen, key, steps)
     if chosen != st.session_state.get(STUDY_KEY):
         select_study(chosen)
     info = studies.study_info(db, chosen)
@@ -287,9 +292,8 @@ def study_picker(current: int | None, key: str) -> studies.StudyInfo | None:
     return info
 
 
-def study_steps(current: int, key: str, shortcuts: dict[str, str]) -> None:
-    """Previous / next study buttons (worklist order) for the picker keyed ``key``."""
-    ids = [r.image_id for r in studies.worklist(db)]
+def study_steps(ids: list[int], current: int, key: str, shortcuts: dict[str, str]) -> None:
+    """Previous / next study buttons (worklist order ``ids``) for the picker keyed ``key``."""
     if current not in ids or len(ids) < 2:
         return
     i = ids.index(current)

@@ -114,7 +114,7 @@ def view_controls(work: Work, shape: tuple[int, int]) -> None:
                    on_click=set_view, args=(new,), shortcut=VIEW_KEYS[name],
                    help=f"{label} ({VIEW_KEYS[name]})")  # fmt: skip
     st.caption(f"Showing {view.describe(shape)}; strokes edit the mask at the image's "
-                     "own resolution.")
+               "own resolution.")
 
 
 def work_for(image_id: int, kind: str, head: studies.VersionInfo | None) -> Work:
@@ -207,10 +207,10 @@ def history(
 
 def main() -> None:
     st.title("Correction")
-    info = common.study_picker(common.selected_study_id(), key="correction.study")
+    info = common.study_picker(common.selected_study_id(), key="correction.study",
+                               steps=SHORTCUTS)
     if info is None:
         return
-    common.study_steps(info.image_id, "correction.study", SHORTCUTS)
     common.audit_view(info.image_id, "correction")
     # Every message that comes and goes is written into this one container, so the widgets
     # below keep their place in the page: a canvas that moves is remounted, which would drop

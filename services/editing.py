@@ -52,8 +52,8 @@ class MaskEdits:
         return self._unpack(self.position)
 
     def current_clicks(self) -> tuple[ClickMark, ...]:
-        """The clicks that led to the current state (empty when it has none)."""
-        return self.clicks[self.position] if self.position < len(self.clicks) else ()
+        """The clicks that led to the current state."""
+        return self.clicks[self.position]
 
     def start(self) -> np.ndarray:
         """The mask the edit started from (what Clear returns to)."""
@@ -80,8 +80,6 @@ class MaskEdits:
         if packed == self.states[self.position]:
             return False
         marks = self.current_clicks() if clicks is None else tuple(clicks)
-        while len(self.clicks) < len(self.states):  # histories from before clicks were kept
-            self.clicks.append(())
         self.states = [*self.states[: self.position + 1], packed]
         self.clicks = [*self.clicks[: self.position + 1], marks]
         if len(self.states) > MAX_STATES:  # forget the oldest steps, keep the start

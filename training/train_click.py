@@ -32,7 +32,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -43,7 +43,7 @@ import settings
 from inference.click_model import KINDS, encode_guidance, with_click_inputs
 from inference.click_refine import Click
 from inference.click_sim import clicks_on, largest_error
-from inference.model import CLASS_NAMES, InfMapNet, load_checkpoint, save_checkpoint
+from inference.model import CLASS_NAMES, InfMapNet, LoadedModel, load_checkpoint, save_checkpoint
 from training.augment import augment_v2
 from training.click_eval import simulate_clicks
 from training.data import SplitArrays, load_split
@@ -136,7 +136,16 @@ def make_batch(
     return torch.cat([x_img, guidance_of(clicks, current)], 1)
 
 
-def validation_set(data: SplitArrays, base: Any, count: int, seed: int) -> dict[str, np.ndarray]:
+class BaseMasks(NamedTuple):
+    """The ordinary model's masks for a split, bool (N, S, S)."""
+
+    lungs: np.ndarray
+    infections: np.ndarray
+
+
+def validation_set(
+    data: SplitArrays, base: BaseMasks, count: int, seed: int,
+) -> dict[str, np.ndarray]:
     idx = np.sort(np.random.default_rng(seed + 17).permutation(len(data))[:count])
     return {"idx": idx, "base_lungs": base.lungs[idx], "base_infections": base.infections[idx]}
 
@@ -165,15 +174,17 @@ def validate(model: InfMapNet, data: SplitArrays, val: dict[str, np.ndarray],
     return out
 
 
-def base_predictions(init: Any, data: SplitArrays, work: Path, split: str, bf16: bool) -> Any:
+def base_predictions(
+    init: LoadedModel, data: SplitArrays, work: Path, split: str, bf16: bool,
+) -> BaseMasks:
     """The ordinary model's masks for a split (cached: one forward pass over it)."""
-    cache = work / f"base_{split}_{init.sha256[:12]}_{len(data)}.npz"
+    cache = work / f"base_{split}_{(init.sha256 or 'unsaved')[:12]}_{len(data)}.npz"
     if cache.is_file():
         z = np.load(cache)
-        return argparse.Namespace(lungs=z["lungs"], infections=z["infections"])
+        return BaseMasks(z["lungs"], z["infections"])
     preds = predict_arrays(init, data, batch_size=32, bf16=bf16, progress=True)
     np.savez_compressed(cache, lungs=preds.lungs, infections=preds.infections)
-    return argparse.Namespace(lungs=preds.lungs, infections=preds.infections)
+    return BaseMasks(preds.lungs, preds.infections)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
