@@ -259,6 +259,12 @@ class FinetuneRun(Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     message: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer)
+    # Where the process runs and when it last said so: a pid means nothing on another machine.
+    host: Mapped[str | None] = mapped_column(String(255))
+    heartbeat: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set by an app server (any machine), acted on by the run itself at its next heartbeat.
+    stop_requested: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                 server_default=text("false"))
     args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     created: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

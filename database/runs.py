@@ -35,8 +35,10 @@ def update_run_progress(
     progress: float,
     message: str | None = None,
     pid: int | None = None,
+    host: str | None = None,
 ) -> FinetuneRun:
-    """Record progress (0..1); the first update marks the run running and started."""
+    """Record progress (0..1) and a heartbeat; the first update marks the run running and
+    started."""
     run = _get_run(session, run_id)
     if run.status in FINISHED_RUN_STATUSES:
         raise ValueError(f"fine-tune run {run_id} already {run.status}")
@@ -44,11 +46,34 @@ def update_run_progress(
         run.status = "running"
         run.started = utcnow()
     run.progress = min(1.0, max(0.0, float(progress)))
+    run.heartbeat = utcnow()
     if message is not None:
         run.message = message
     if pid is not None:
         run.pid = pid
+    if host is not None:
+        run.host = host
     session.flush()
+    return run
+
+
+def beat(session: Session, run_id: int) -> bool:
+    """The run is alive: record the time. Returns whether someone asked it to stop; raises
+    ``ValueError`` if it was marked finished meanwhile (so it stops too)."""
+    run = _get_run(session, run_id)
+    if run.status in FINISHED_RUN_STATUSES:
+        raise ValueError(f"fine-tune run {run_id} already {run.status}")
+    run.heartbeat = utcnow()
+    session.flush()
+    return bool(run.stop_requested)
+
+
+def request_stop(session: Session, run_id: int) -> FinetuneRun:
+    """Ask a run to stop; the run acts on it at its next heartbeat, wherever it runs."""
+    run = _get_run(session, run_id)
+    if run.status not in FINISHED_RUN_STATUSES:
+        run.stop_requested = True
+        session.flush()
     return run
 
 

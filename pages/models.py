@@ -265,6 +265,11 @@ def runs_panel() -> None:
         st.session_state[SEEN_RUN] = state
         st.rerun(scope="app")  # a run finished: refresh the versions table and charts
     st.session_state[SEEN_RUN] = state
+    if admin.is_finished(newest):  # in words: the table below is a canvas, not text
+        made = f", made {newest['model_version']}" if newest["model_version"] else ""
+        st.caption(f"Latest: run {newest['id']} "
+                   f"{admin.RUN_STATUS_LABELS.get(newest['status'], newest['status'])} at "
+                   f"{fmt_time(newest['finished'])}{made}.")  # fmt: skip
     for r in run_list[:3]:
         if r["status"] not in ("queued", "running"):
             continue
@@ -278,7 +283,10 @@ def runs_panel() -> None:
                 st.rerun(scope="app")
             continue
         c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="center")
-        c1.progress(r["progress"], text=f"Run {r['id']}: {r['message'] or r['status']}"
+        where = "" if admin.runs_here(r) else f" on {r['host']}"
+        state = ("stop requested" if r["stop_requested"]
+                 else admin.user_message(r["message"]) or r["status"])
+        c1.progress(r["progress"], text=f"Run {r['id']}{where}: {state}"
                     f" ({100 * r['progress']:.0f}%)")  # fmt: skip
         if not can_manage() or not r["pid"]:
             continue

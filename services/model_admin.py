@@ -111,20 +111,35 @@ def run_records(scope: SessionFactory, limit: int = 10) -> list[dict[str, Any]]:
     with scope(write=False) as s:
         return [{
             "id": r.id, "status": r.status, "progress": float(r.progress or 0.0),
-            "message": r.message or "", "pid": r.pid, "created": r.created,
-            "started": r.started, "finished": r.finished,
+            "message": r.message or "", "pid": r.pid, "host": r.host,
+            "heartbeat": r.heartbeat, "stop_requested": bool(r.stop_requested),
+            "created": r.created, "started": r.started, "finished": r.finished,
             "model_version": r.model_version.version if r.model_version else "",
         } for r in runs.list_runs(s, limit=limit)]  # fmt: skip
 
 
+# A run on another machine is judged by its heartbeat (every run_control.HEARTBEAT_SECONDS):
+# this many seconds of silence, several missed beats, and it is taken for gone.
+REMOTE_SILENCE_SECONDS = 90.0
+
+
+def runs_here(run: dict[str, Any]) -> bool:
+    """Whether the run's process is on this machine (runs recorded before hosts were: yes)."""
+    return run.get("host") in (None, run_control.this_host())
+
+
 def is_stale(run: dict[str, Any]) -> bool:
-    """A run the database calls running whose process is gone (killed, machine restarted)."""
-    if run["status"] == "running":
+    """A run the database calls running whose process is gone (killed, machine restarted).
+    On this machine the process id says so; on another, a heartbeat that stopped."""
+    if run["status"] not in ("queued", "running"):
+        return False
+    now = datetime.now(UTC)
+    if run["status"] == "queued" and run["pid"] is None:  # never picked up within a minute
+        return (now - run["created"]).total_seconds() > 60
+    if runs_here(run):
         return not run_control.process_alive(run["pid"])
-    if run["status"] == "queued":  # never picked up within a minute
-        age = (datetime.now(UTC) - run["created"]).total_seconds()
-        return age > 60 and not run_control.process_alive(run["pid"])
-    return False
+    last = run.get("heartbeat") or run["created"]
+    return (now - last).total_seconds() > REMOTE_SILENCE_SECONDS
 
 
 def is_finished(run: dict[str, Any]) -> bool:
@@ -281,11 +296,13 @@ def start_finetune(
 
 
 def stop_run(scope: SessionFactory, run: dict[str, Any], user_id: int) -> None:
-    """Ask a run to stop: it catches SIGTERM, marks itself stopped and registers nothing.
-    Researchers and admins only (``RoleError`` otherwise)."""
-    with scope(write=False) as s:
+    """Ask a run to stop, wherever it runs: recorded in its row, which the run reads at its
+    next heartbeat; on this machine it is also sent SIGTERM at once. It marks itself stopped
+    and registers nothing. Researchers and admins only (``RoleError`` otherwise)."""
+    with scope() as s:
         users.acting_user(s, user_id, MANAGERS, "stop a fine-tuning run")
-    if run.get("pid"):
+        runs.request_stop(s, int(run["id"]))  # any server may ask; the run acts on it
+    if run.get("pid") and runs_here(run):  # here: at once (a pid means nothing elsewhere)
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(run["pid"]), signal.SIGTERM)
 

@@ -261,6 +261,31 @@ def test_finetune_run_lifecycle(engine: Engine) -> None:
         assert done.model_version.version == "ft-1"
 
 
+def test_run_heartbeat_host_and_stop_request(engine: Engine) -> None:
+    """What lets an app server on another machine judge and stop a run: where it runs, when it
+    last beat, and a stop request the run reads itself."""
+    with session_scope(engine) as s:
+        run_id = runs.create_run(s).id
+        assert runs.get_run(s, run_id).stop_requested is False  # the server default too
+    with session_scope(engine) as s:
+        r = runs.update_run_progress(s, run_id, 0.1, "starting", pid=4321, host="trainer-1")
+        first = r.heartbeat
+        assert r.host == "trainer-1" and first is not None and first.tzinfo is not None
+    with session_scope(engine) as s:
+        assert runs.beat(s, run_id) is False
+        assert runs.get_run(s, run_id).heartbeat >= first
+        runs.request_stop(s, run_id)
+    with session_scope(engine) as s:
+        assert runs.beat(s, run_id) is True
+        assert runs.get_run(s, run_id).host == "trainer-1"  # a progress update keeps the host
+        runs.finish_run(s, run_id, "interrupted", "stop requested")
+    with session_scope(engine) as s:
+        with pytest.raises(ValueError):
+            runs.beat(s, run_id)
+        done = runs.request_stop(s, run_id)  # asking a finished run changes nothing
+        assert done.status == "interrupted"
+
+
 def test_mask_png_round_trip() -> None:
     mask = box(3, 4, 20, 50)
     data = mask_to_png(mask)

@@ -304,6 +304,32 @@ def test_killed_run_leaves_database_consistent(world: dict, sig: signal.Signals)
     assert {v.id for v in _versions(world)} == before | {again.model_version_id}
 
 
+def test_stop_requested_in_the_database_stops_the_run(world: dict) -> None:
+    """The Stop of an app server on another machine: no signal, only the request in the run's
+    row; the run reads it (heartbeat or progress update), stops and registers nothing."""
+    with session_scope(world["engine"]) as s:
+        model_versions.set_active_model_version(s, world["base_id"])
+        run_id = runs.create_run(s, {"test": "stop request"}).id
+    before = {v.id for v in _versions(world)}
+    proc = _spawn(world, "stop-requested", run_id)
+    try:
+        _wait_training(world, run_id, proc)
+        with session_scope(world["engine"]) as s:
+            row = runs.get_run(s, run_id)
+            assert row.host and row.heartbeat is not None  # where it runs, and that it does
+            runs.request_stop(s, run_id)
+        code = proc.wait(timeout=120)  # 400 steps would take far longer
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 128 + signal.SIGTERM, proc.communicate()
+    with session_scope(world["engine"], write=False) as s:
+        run = runs.get_run(s, run_id)
+    assert run.status == "interrupted" and "nothing was registered" in run.message
+    assert {v.id for v in _versions(world)} == before
+    assert not (world["tmp"] / "models" / "stop-requested.pt").exists()
+
+
 def test_worklist_orders_by_uncertainty_of_the_active_version(world: dict) -> None:
     """predict() -> store_prediction -> worklist(sort="uncertainty"), for whichever version is
     active: a newly activated version's worklist has no uncertainty until re-predicted."""

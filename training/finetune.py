@@ -92,6 +92,7 @@ from training.loop import NATIVE_BF16
 from training.replay import load_replay
 from training.run_control import (
     FinetuneError,
+    Heartbeat,
     Interrupted,
     Progress,
     finish_failed,
@@ -132,7 +133,7 @@ def finetune(
     args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()}
     run_id = start_run(engine, opts.run_id, args)
     try:
-        with signals_raise():
+        with signals_raise(), Heartbeat(engine, run_id):
             return finetune_run.run(opts, engine, run_id, state, rule)
     except BaseException as exc:
         if d.enabled and not state.get("plan_shared"):

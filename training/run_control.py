@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -83,13 +85,18 @@ class Progress:
         self._last = now
         try:
             with session_scope(self.engine) as s:
-                runs.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)), message)
+                run = runs.update_run_progress(s, self.run_id, min(1.0, max(0.0, fraction)),
+                                               message)
+                stop = bool(run.stop_requested)
         except ValueError as exc:  # someone marked the run finished (the app's stale-run button)
             raise Interrupted(f"run marked finished elsewhere: {exc}") from exc
         except Exception as exc:  # a busy database must not kill the run; the next one retries
             if force:
                 raise
             print(f"progress not recorded: {exc}", file=sys.stderr)
+            return
+        if stop:
+            raise Interrupted("stop requested")
 
     def bar(self, total: int, desc: str) -> tqdm:
         return tqdm(total=total, desc=desc, disable=not self.show, mininterval=2, leave=False,
@@ -108,8 +115,54 @@ def start_run(engine: Any, run_id: int | None, args: dict[str, Any]) -> int:
                                     "start a new run to try again")
         else:
             run = runs.create_run(s, args)
-        runs.update_run_progress(s, run.id, 0.0, "starting", pid=os.getpid())
+        runs.update_run_progress(s, run.id, 0.0, "starting", pid=os.getpid(), host=this_host())
         return int(run.id)
+
+
+def this_host() -> str:
+    """The name a run's machine is known by: its pid is checked only on that machine."""
+    return socket.gethostname()
+
+
+HEARTBEAT_SECONDS = 10.0
+
+
+class Heartbeat:
+    """A daemon thread that tells the run row every ``interval`` seconds that the run is alive
+    (evaluations can go minutes without a progress update), and turns a stop request recorded
+    by any app server, or the row marked finished, into SIGTERM to this process: the same path
+    as the app's own Stop (``signals_raise``; held back around the final commit)."""
+
+    def __init__(self, engine: Any, run_id: int, interval: float = HEARTBEAT_SECONDS) -> None:
+        self.engine, self.run_id, self.interval = engine, run_id, interval
+        # Only where signals_raise turns SIGTERM into Interrupted (the main thread); elsewhere
+        # the next progress update sees the request instead.
+        self._may_signal = threading.current_thread() is threading.main_thread()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{run_id}",
+                                        daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                with session_scope(self.engine) as s:
+                    stop = runs.beat(s, self.run_id)
+            except ValueError:  # finished: by the run itself, or marked so (updates see it)
+                return
+            except Exception as exc:  # a busy database: the next beat retries
+                print(f"heartbeat not recorded: {exc}", file=sys.stderr)
+                continue
+            if stop and self._may_signal and not self._done.is_set():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
 
 
 def finish_failed(engine: Any, run_id: int, status: str, message: str) -> None:
