@@ -34,7 +34,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -100,6 +100,8 @@ def summarize(traces: list[Trace], max_clicks: int) -> dict[str, object]:
         out[f"never@{round(t * 100)}"] = round(float(np.mean([r is None for r in reached])), 4)
     for n in REPORTED_CLICKS:
         out[f"dice@{n}"] = round(float(np.mean([tr.dices[n] for tr in traces])), 4)
+    out["dice_curve"] = [round(float(np.mean([tr.dices[n] for tr in traces])), 4)
+                         for n in range(max_clicks + 1)]  # after 0, 1, ... clicks
     times = [s for tr in traces for s in tr.seconds]
     out["ms_per_click_median"] = round(1000 * float(np.median(times)), 2) if times else None
     return out
@@ -186,8 +188,54 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     }
     if click_model is not None:
         out["click_checkpoint_version"] = click_model.meta.get("version")
-        out["click_refinement_ms"] = refinement_ms(click_model, data.images)
+        ms = refinement_ms(click_model, data.images)
+        out["click_refinement_ms"] = ms
+        for key, row in results.items():  # batched in the run: one unbatched refinement each
+            if key.endswith("/model") and isinstance(row, dict):
+                row["ms_per_click_median"] = ms
     return out
+
+
+METHOD_NAMES = {"model": "click network", "click": "click (baseline)", "brush": "brush"}
+
+
+def curve(row: dict[str, Any]) -> tuple[list[int], list[float]]:
+    """Mean Dice after n clicks: the whole curve when recorded, else the reported points."""
+    if "dice_curve" in row:
+        return list(range(len(row["dice_curve"]))), row["dice_curve"]
+    return list(REPORTED_CLICKS), [row[f"dice@{n}"] for n in REPORTED_CLICKS]
+
+
+def plot(summary: dict[str, Any], png: Path) -> str:
+    """Mean Dice against clicks, lungs and infection side by side (plotly + kaleido)."""
+    import os
+
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "Lungs (all Test images)", "Infection (COVID-19 Test images)"))
+    colours = {"model": "#1f77b4", "click": "#ff7f0e", "brush": "#7f7f7f"}
+    for col, kind in enumerate(("lung", "infection"), start=1):
+        for key, row in summary["results"].items():
+            k, start, method = key.split("/")
+            if k != kind:
+                continue
+            xs, ys = curve(row)
+            from_model = start == "prediction"
+            fig.add_trace(go.Scatter(
+                x=xs, y=ys, mode="lines+markers", showlegend=col == 1,
+                name=f"{METHOD_NAMES[method]}, from {'the model' if from_model else 'nothing'}",
+                line={"color": colours[method], "dash": "solid" if from_model else "dot"},
+            ), 1, col)
+        fig.update_xaxes(title_text="clicks", row=1, col=col)
+        fig.update_yaxes(title_text="per-image mean Dice", range=[0, 1], row=1, col=col)
+    fig.update_layout(title=f"Simulated annotator on COVID-QU-Ex {summary['split']} "
+                      f"(stops at Dice 0.90)", width=1100, height=450, template="plotly_white")
+    if Path("/usr/bin/chromium").exists():
+        os.environ.setdefault("BROWSER_PATH", "/usr/bin/chromium")
+    fig.write_image(str(png), scale=1)
+    return str(png)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,11 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="only this many images (0: all)")
     p.add_argument("--max-clicks", type=int, default=20)
     p.add_argument("--out", type=Path)
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also draw the Dice-per-click curve as this PNG")
+    p.add_argument("--plot-from", type=Path, default=None,
+                   help="draw the curve of this results JSON instead of running")
     args = p.parse_args(argv)
+    if args.plot_from is not None:
+        print(plot(json.loads(args.plot_from.read_text()),
+                   args.plot or args.plot_from.with_suffix(".png")))
+        return 0
     summary = run(args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.plot:
+        plot(summary, args.plot)
     return 0
 
 
