@@ -17,7 +17,10 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
+# The ONNX file of the model first (once; ~15 s): INFMAP_ENGINE=auto then serves it with ONNX
+# Runtime. If it cannot be built, torch serves and the app starts all the same.
 run: install
+	-$(PY) -m inference.onnx_engine > /dev/null
 	$(VENV)/bin/streamlit run app.py
 
 # Browser tests need Debian's chromium; installed here when we may (root with apt-get).

@@ -26,9 +26,11 @@ Environment variables (all optional):
 - ``INFMAP_SESSION_MINUTES``  idle minutes after which a signed-in user is signed out (default 30)
 - ``INFMAP_DECODE_SECONDS``   time allowed to read one file (default 60; ``inference.isolation``)
 - ``INFMAP_DECODE_MEMORY_MB`` memory allowed to read one file (default 2048)
-- ``INFMAP_ENGINE``       the forward pass of ``inference.predict``: ``torch`` (default) or
-                          ``onnx`` (ONNX Runtime, ``inference.onnx_engine``; falls back to torch
-                          with a warning when the ONNX file cannot be built)
+- ``INFMAP_ENGINE``       the forward pass of ``inference.predict``: ``auto`` (default: ONNX
+                          Runtime when the model's ONNX file is already built, else torch; a
+                          request never waits for an export), ``torch``, or ``onnx`` (ONNX
+                          Runtime, exported on first use; ``inference.onnx_engine``; falls back to
+                          torch with a warning when the ONNX file cannot be built)
 - ``INFMAP_ONNX_CACHE``   where exported ONNX files are kept (default ``<repo>/.cache/onnx``)
 - ``STREAMLIT_SERVER_MAX_UPLOAD_SIZE``  Streamlit's own override of ``server.maxUploadSize`` in
                           ``.streamlit/config.toml``: the one upload limit (MB), which the
@@ -60,7 +62,7 @@ STREAMLIT_DEFAULT_UPLOAD_MB = 200  # Streamlit's default when server.maxUploadSi
 DEFAULT_DECODE_SECONDS = 60.0  # RG1 (3.6 MP JPEG 2000) reads in ~1 s on a busy 2-core machine
 DEFAULT_DECODE_MEMORY_MB = 2048.0  # the largest accepted image is estimated at ~1.7 GB
 DEFAULT_ONNX_CACHE = REPO_ROOT / ".cache" / "onnx"
-INFERENCE_ENGINES: tuple[str, ...] = ("torch", "onnx")
+INFERENCE_ENGINES: tuple[str, ...] = ("auto", "torch", "onnx")
 
 # ----------------------------------------------------------------------------- vocabulary
 ROLES: tuple[str, ...] = ("annotator", "radiologist", "researcher", "admin")
@@ -175,7 +177,7 @@ def decode_memory_mb() -> float:
 
 def inference_engine() -> str:
     """``INFMAP_ENGINE``: which runtime serves the forward pass (``INFERENCE_ENGINES``)."""
-    value = (_env("INFMAP_ENGINE") or "torch").strip().lower()
+    value = (_env("INFMAP_ENGINE") or "auto").strip().lower()
     if value not in INFERENCE_ENGINES:
         choices = ", ".join(INFERENCE_ENGINES)
         raise ValueError(f"INFMAP_ENGINE must be one of {choices}, not {value!r}")

@@ -19,6 +19,10 @@ order, and ``name_hash`` is the salted sha256 of each file's path as given or re
 folder (``inference.deid.name_hash``, ``INFMAP_ID_SALT``); an error message that quotes the
 path says the case label instead. ``--names clear`` names the files as above (for outputs that
 stay with the files).
+
+Under ``INFMAP_ENGINE=auto`` (the default) a batch of ``AUTO_BUILD_MIN_IMAGES`` images or more
+builds the model's ONNX file first if it is not built yet (about 15 s once), since ONNX Runtime
+then serves it about 2.5 times as fast as torch; a smaller batch uses it only if it is there.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ from inference.deid import name_hash  # noqa: E402
 from inference.isolation import Budget, load_xray_isolated  # noqa: E402
 from inference.model import DEFAULT_CHECKPOINT, CheckpointError, LoadedModel, load_checkpoint  # noqa: E402
 from inference.predict import Prediction, predict  # noqa: E402
+
+# The export (~15 s here) pays for itself after ~300 images: batch-8 throughput 12.6 images/s
+# on torch against 30.9 on ONNX Runtime (benchmarks/results/inference_engine.json, 2 threads).
+AUTO_BUILD_MIN_IMAGES = 300
 
 COLUMNS: tuple[str, ...] = (
     "file", "predicted_class", "p_covid19", "p_non_covid", "p_normal", "infection_percent",
@@ -215,6 +223,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def prepare_engine(model: LoadedModel, n_images: int) -> None:
+    """Build the ONNX file before a large batch under ``auto`` (a failure leaves torch)."""
+    from inference import onnx_engine
+
+    if (settings.inference_engine() != "auto" or n_images < AUTO_BUILD_MIN_IMAGES
+            or model.sha256 is None or onnx_engine.built(model)):
+        return
+    print(f"{n_images} images: building the ONNX engine first (once per model)", file=sys.stderr)
+    try:
+        model.engines["onnx"] = onnx_engine.OnnxEngine.for_model(model)
+    except Exception as exc:  # torch serves instead
+        print(f"ONNX engine not built ({type(exc).__name__}); using torch", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -228,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no images found in the given inputs.", file=sys.stderr)
         return 2
 
+    prepare_engine(model, len(items))
     out: Path = args.out
     masks_dir = out / "masks"
     masks_dir.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,16 @@ probabilities, the CAM and the out-of-domain score from it exactly as from torch
 no backward pass (``inference.gradcam``); the hook-based Grad-CAM reference
 (``gradcam_reference``) and training stay on torch.
 
-``forward_pass(model)`` is the seam ``predict`` uses: torch unless the setting says onnx, and
-torch with a logged warning when the ONNX file cannot be built or loaded.
+``forward_pass(model)`` is the seam ``predict`` uses. Under ``INFMAP_ENGINE=auto`` (the default)
+ONNX Runtime serves a checkpoint whose ONNX file is already in the cache and torch any other, so
+no request waits for an export: the file is built by ``make run`` for the shipped model,
+by a fine-tuning run started from the app for the version it registers, by the batch CLI before
+a large batch, or by hand::
+
+    python -m inference.onnx_engine --checkpoint models/infmap.pt
+
+``onnx`` exports on first use; either falls back to torch with a logged warning when the ONNX
+file cannot be built or loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -131,11 +140,15 @@ class OnnxEngine:
 
 def forward_pass(model: LoadedModel) -> Callable[[torch.Tensor], NetOutputs]:
     """What serves ``model``'s forward pass under ``INFMAP_ENGINE``: torch, or the ONNX engine
-    (built once per model and kept on it). If the ONNX file cannot be built or loaded, torch,
-    with a warning that names no file (paths can carry patient or site names)."""
-    if settings.inference_engine() == "torch":
+    (loaded once per model and kept on it; under ``auto`` only from a file already built). If
+    the ONNX file cannot be built or loaded, torch, with a warning that names no file (paths can
+    carry patient or site names)."""
+    engine_name = settings.inference_engine()
+    if engine_name == "torch":
         return model.model.forward_all
     if "onnx" not in model.engines:
+        if engine_name == "auto" and not built(model):
+            return model.model.forward_all  # not built yet: looked for again next time
         try:
             model.engines["onnx"] = OnnxEngine.for_model(model)
         except Exception as exc:  # an exporter or runtime failure must not stop predictions
@@ -144,3 +157,40 @@ def forward_pass(model: LoadedModel) -> Callable[[torch.Tensor], NetOutputs]:
             model.engines["onnx"] = None
     engine = model.engines["onnx"]
     return model.model.forward_all if engine is None else engine.forward_all
+
+
+def built(model: LoadedModel) -> bool:
+    """Whether ``model``'s ONNX file is in the cache. Only a checkpoint file counts: keying an
+    in-memory model hashes all its weights, too dear to do on every prediction."""
+    return model.sha256 is not None and onnx_path(model).is_file()
+
+
+def build(checkpoint: Path, cache_dir: Path | None = None) -> Path:
+    """Export ``checkpoint`` into the cache (nothing to do if it is there); returns the file."""
+    from inference.model import load_checkpoint
+
+    return OnnxEngine.for_model(load_checkpoint(checkpoint), cache_dir).path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build the ONNX file of a checkpoint, so that "
+                                "INFMAP_ENGINE=auto serves it with ONNX Runtime.")
+    p.add_argument("--checkpoint", type=settings.cli_path, default=None,
+                   help="default: INFMAP_CHECKPOINT or models/infmap.pt")
+    p.add_argument("--cache-dir", type=settings.cli_path, default=None,
+                   help="default: INFMAP_ONNX_CACHE or <repo>/.cache/onnx")
+    args = p.parse_args(argv)
+    try:
+        path = build(args.checkpoint or settings.checkpoint_path(), args.cache_dir)
+    except Exception as exc:  # the app still runs on torch: say so, do not fail the caller
+        print(f"ONNX file not built ({type(exc).__name__}: {exc}); torch will serve",
+              file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

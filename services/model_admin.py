@@ -278,7 +278,7 @@ def start_finetune(
     folder = data_dir_for(database_url) / "models"
     folder.mkdir(parents=True, exist_ok=True)
     extra = ["--steps", str(steps), "--replay-ratio", str(replay_ratio),
-             "--seed", str(seed), "--tolerance", str(tolerance)]  # fmt: skip
+             "--seed", str(seed), "--tolerance", str(tolerance), "--onnx"]  # fmt: skip
     if data:
         extra += ["--data", data]
     try:

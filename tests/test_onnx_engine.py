@@ -186,3 +186,63 @@ def test_unknown_engine_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("INFMAP_ENGINE", "tensorrt")
     with pytest.raises(ValueError, match="INFMAP_ENGINE"):
         settings.inference_engine()
+
+
+def test_auto_serves_onnx_only_once_the_file_is_built(
+    cache_dir: Path, onnx_model: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The default engine: ONNX Runtime for a checkpoint whose file is built, torch otherwise,
+    and a prediction never builds one (it would keep a user waiting ~15 s)."""
+    monkeypatch.delenv("INFMAP_ENGINE", raising=False)
+    assert settings.inference_engine() == "auto"
+    empty = tmp_path / "empty-cache"
+    monkeypatch.setenv("INFMAP_ONNX_CACHE", str(empty))
+    model = load_checkpoint(settings.SHIPPED_CHECKPOINT)
+    predict(load_xray(CASES[0]), model)
+    assert forward_pass(model) == model.model.forward_all
+    assert not empty.exists() or not any(empty.iterdir())  # nothing exported in the request
+
+    # Built by hand (make run does this for the shipped model): the file the fixture made.
+    assert onnx_engine.main(["--checkpoint", str(settings.SHIPPED_CHECKPOINT),
+                             "--cache-dir", str(cache_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(onnx_path(model, cache_dir))
+    monkeypatch.setenv("INFMAP_ONNX_CACHE", str(cache_dir))
+    served = forward_pass(model)
+    assert isinstance(getattr(served, "__self__", None), OnnxEngine)
+    assert_same_prediction(predict(load_xray(CASES[-1]), model),
+                           _torch_prediction(CASES[-1], monkeypatch))
+    # A model only in memory (training, tests) is not keyed on every prediction: torch.
+    from dataclasses import replace
+
+    in_memory = replace(model, sha256=None, engines={})
+    assert forward_pass(in_memory) == in_memory.model.forward_all
+
+
+def _torch_prediction(path: Path, monkeypatch: pytest.MonkeyPatch) -> Prediction:
+    with monkeypatch.context() as m:
+        m.setenv("INFMAP_ENGINE", "torch")
+        return predict(load_xray(path), load_checkpoint(settings.SHIPPED_CHECKPOINT))
+
+
+def test_batch_cli_builds_the_onnx_file_before_a_large_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from inference import batch
+
+    monkeypatch.delenv("INFMAP_ENGINE", raising=False)
+    fresh = tmp_path / "fresh-cache"
+    monkeypatch.setenv("INFMAP_ONNX_CACHE", str(fresh))
+    files = [str(p) for p in CASES]
+    monkeypatch.setattr(batch, "AUTO_BUILD_MIN_IMAGES", len(files) + 1)
+    assert batch_main([*files, "--out", str(tmp_path / "small")]) == 0
+    assert not fresh.exists() or not any(fresh.iterdir())  # a small batch: torch, no export
+    monkeypatch.setattr(batch, "AUTO_BUILD_MIN_IMAGES", len(files))
+    assert batch_main([*files, "--out", str(tmp_path / "large")]) == 0
+    assert [p.suffix for p in fresh.iterdir()] == [".onnx"]  # built first, then served
+    for got, want in zip(_batch_rows(tmp_path / "large"), _batch_rows(tmp_path / "small"),
+                         strict=True):
+        assert (got["file"], got["predicted_class"], got["severity"]) == (
+            want["file"], want["predicted_class"], want["severity"])
+        for column in ("p_covid19", "p_non_covid", "p_normal"):
+            assert abs(float(got[column]) - float(want[column])) <= PROB_TOL

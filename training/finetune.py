@@ -203,6 +203,8 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     p.add_argument("--cache-dir", type=settings.cli_path_str, default=d.cache_dir,
                    help="COVID-QU-Ex decoded-array cache")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--onnx", action="store_true",
+                   help="then build the new version's ONNX file (INFMAP_ENGINE=auto serves it)")
     p.add_argument("--fail-after-step", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
 
@@ -216,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
         readings=not a.no_readings,
         threads=a.threads, bf16=NATIVE_BF16 and not a.no_bf16, channels_last=not a.no_channels_last,
         cache_dir=a.cache_dir or None, progress=not a.no_progress,
-        fail_after_step=a.fail_after_step,
+        fail_after_step=a.fail_after_step, onnx=a.onnx,
     )
 
 
@@ -269,6 +271,10 @@ def _main(opts: FinetuneOptions) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing registered", file=sys.stderr)
         return 130
+    if opts.onnx:  # after the run is recorded: a failure here costs speed, not the version
+        from inference import onnx_engine
+
+        onnx_engine.main(["--checkpoint", str(result.checkpoint)])
     m = result.metrics
     print(json.dumps({"version": result.version, "model_version_id": result.model_version_id,
                       "activated": result.activated, "decision": result.decision,

@@ -39,6 +39,7 @@ class FinetuneOptions:
     cache_dir: str | None = ".cache/covid-qu-ex"
     progress: bool = True  # tqdm bars
     fail_after_step: int = 0  # tests: raise after this training step (0: never)
+    onnx: bool = False  # CLI only: build the new version's ONNX file once it is registered
 
 
 @dataclass
