@@ -61,6 +61,8 @@ def start_app(
         "PYTHONPATH": str(REPO),
     }
     env.pop("INFMAP_DATA_DIR", None)  # by default the store sits next to the temp SQLite file
+    # ONNX files the server's fine-tuning runs build go with the test, not into the repo's cache.
+    env["INFMAP_ONNX_CACHE"] = str(Path(log_path).parent / "onnx-cache")
     if data_dir is not None:
         env["INFMAP_DATA_DIR"] = str(data_dir)
     cmd = [
