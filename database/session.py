@@ -23,6 +23,7 @@ head check.)
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,25 @@ def data_dir_for(bind: Engine | URL | str) -> Path:
     return db_file.parent if db_file is not None else settings.DEFAULT_DATA_DIR
 
 
+def _use_wal(cursor: Any) -> None:
+    """Put the file in WAL mode (it stays so: later connections find it set). Switching a new
+    file does not wait on the busy timeout: app processes starting at once on a new file got
+    "database is locked" here, so a locked switch is retried until the timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        if str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")  # (an in-memory database says "memory")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _install_sqlite_hooks(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -69,7 +89,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
@@ -112,6 +132,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
     cfg = alembic_config(engine.url)
     with engine.begin() as connection:  # BEGIN IMMEDIATE on SQLite: concurrent starts serialise
+        if connection.dialect.name == "postgresql":
+            # Replicas starting at once on an empty database take turns here; without it their
+            # CREATE TABLE alembic_version collided (a unique violation, or a hang).
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": zlib.crc32(b"infmap:migrate")})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 

@@ -86,6 +86,46 @@ def test_migration_matches_models(engine: Engine) -> None:
         assert compare_metadata(ctx, Base.metadata) == []
 
 
+@pytest.mark.timeout(120)  # before the fix PostgreSQL could also hang here
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_first_starts_migrate_once(database_url: str, round_: int) -> None:
+    """Several app processes starting at once on an empty database (a department's replicas,
+    the two-server browser test): every one gets the schema at head and none fails. On
+    PostgreSQL the second CREATE TABLE alembic_version used to fail with a unique violation."""
+    import threading
+
+    from alembic.script import ScriptDirectory
+
+    from database.session import alembic_config
+
+    starts = 4
+    barrier = threading.Barrier(starts)
+    errors: list[BaseException] = []
+    engines: list[Engine] = []
+
+    def start() -> None:
+        engine = make_engine(database_url)
+        engines.append(engine)
+        barrier.wait()
+        try:
+            upgrade(engine, "head")
+        except BaseException as exc:  # reported below, with the others
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(starts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
+        assert {current_revision(e) for e in engines} == {head}
+    finally:
+        for e in engines:
+            e.dispose()
+
+
 def test_second_init_db_is_a_noop_that_keeps_data(database_url: str) -> None:
     url = database_url
     first = make_engine(url)
