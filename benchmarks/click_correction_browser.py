@@ -50,10 +50,11 @@ from correction_helpers import (  # noqa: E402
     versions,
     wait_idle,
 )
+from covid_qu_ex import sample_cases  # noqa: E402
 
 from inference.click_refine import Click  # noqa: E402
 from inference.click_sim import next_click  # noqa: E402
-from training.metrics import dice_iou_per_image  # noqa: E402
+from services.masks import dice  # noqa: E402 - per image; two empty masks agree (1.0)
 
 RESULTS = REPO / "benchmarks" / "results" / "click_correction_browser.json"
 CANVAS_ROOT = '[class*="correction-canvas"]'
@@ -65,21 +66,13 @@ TIMEOUT_MS = 120_000
 VIEWPORT = {"width": 1600, "height": 1000}
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two masks of one image (both empty: 1.0)."""
-    return float(dice_iou_per_image(a[None], b[None])[0][0])
-
-
 def cases() -> list[tuple[str, str]]:
     """(display name, mask kind): every sample's lungs, the COVID-19 samples' infection."""
     out = []
-    for image in sorted(settings.SAMPLES_DIR.glob("*/*.png")):
-        if image.stem.endswith(("_lung", "_infection")):
-            continue
-        name = f"{image.parent.name}/{image.name}"
-        out.append((name, "lung"))
-        if image.parent.name == "COVID-19":
-            out.append((name, "infection"))
+    for cls, stem in sample_cases():
+        out.append((f"{cls}/{stem}.png", "lung"))
+        if cls == "COVID-19":
+            out.append((f"{cls}/{stem}.png", "infection"))
     return out
 
 

@@ -36,6 +36,7 @@ from inference.model import DEFAULT_CHECKPOINT, LoadedModel, load_checkpoint
 from inference.onnx_engine import OnnxEngine
 from inference.predict import predict
 from inference.preprocess import preprocess
+from training.metrics import dice_iou_per_image
 
 RESULTS = settings.REPO_ROOT / "benchmarks" / "results" / "inference_engine.json"
 SAMPLE_PNG = settings.SAMPLES_DIR / "COVID-19" / "covid_1579.png"
@@ -95,11 +96,13 @@ def max_abs_diff(model: LoadedModel, run: Callable[[np.ndarray], list], x: torch
 
 def sample_inputs(model: LoadedModel) -> torch.Tensor:
     """The bundled samples as the network sees them (predict's preprocessing)."""
+    sys.path.insert(0, str(settings.REPO_ROOT / "tests"))
+    from covid_qu_ex import sample_cases  # the tests' list of the bundled samples
+
     cfg = model.config
-    images = sorted(p for p in SAMPLE_PNG.parent.parent.glob("*/*.png")
-                    if not p.stem.endswith(("_lung", "_infection")))
-    xs = [preprocess(load_xray(p).pixels, cfg.input_size, cfg.norm_mean, cfg.norm_std)[0]
-          for p in images]
+    xs = [preprocess(load_xray(settings.SAMPLES_DIR / cls / f"{stem}.png").pixels,
+                     cfg.input_size, cfg.norm_mean, cfg.norm_std)[0]
+          for cls, stem in sample_cases()]
     return torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
 
 
@@ -110,11 +113,10 @@ def agreement(model: LoadedModel, run: Callable[[np.ndarray], list], x: torch.Te
     with torch.inference_mode():
         want = model.model.forward_all(x)
     got = run(x.numpy())
-    masks_w = torch.sigmoid(want[0]).numpy() > 0.5
-    masks_g = 1 / (1 + np.exp(-np.asarray(got[0], np.float32))) > 0.5
-    inter = (masks_w & masks_g).sum((2, 3))
-    total = masks_w.sum((2, 3)) + masks_g.sum((2, 3))
-    dices = np.where(total == 0, 1.0, 2 * inter / np.maximum(total, 1))
+    size = want[0].shape[-2:]
+    masks_w = (want[0] > 0).numpy().reshape(-1, *size)  # logit > 0: probability > 0.5
+    masks_g = (np.asarray(got[0]) > 0).reshape(-1, *size)
+    dices = dice_iou_per_image(masks_g, masks_w)[0]  # per image and mask
     probs_w = torch.softmax(want[1], 1).numpy()
     probs_g = torch.softmax(torch.from_numpy(np.asarray(got[1], np.float32)), 1).numpy()
     return {"images": len(x), "worst_mask_dice": float(dices.min()),

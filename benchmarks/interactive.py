@@ -98,10 +98,11 @@ def summarize(traces: list[Trace], max_clicks: int) -> dict[str, object]:
         counts = [max_clicks if r is None else r for r in reached]
         out[f"noc@{round(t * 100)}"] = round(float(np.mean(counts)), 2)
         out[f"never@{round(t * 100)}"] = round(float(np.mean([r is None for r in reached])), 4)
+    dice_curve = [round(float(np.mean([tr.dices[n] for tr in traces])), 4)
+                  for n in range(max_clicks + 1)]  # after 0, 1, ... clicks
     for n in REPORTED_CLICKS:
-        out[f"dice@{n}"] = round(float(np.mean([tr.dices[n] for tr in traces])), 4)
-    out["dice_curve"] = [round(float(np.mean([tr.dices[n] for tr in traces])), 4)
-                         for n in range(max_clicks + 1)]  # after 0, 1, ... clicks
+        out[f"dice@{n}"] = dice_curve[n]
+    out["dice_curve"] = dice_curve
     times = [s for tr in traces for s in tr.seconds]
     out["ms_per_click_median"] = round(1000 * float(np.median(times)), 2) if times else None
     return out

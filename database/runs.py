@@ -22,6 +22,14 @@ def create_run(session: Session, args: dict[str, Any] | None = None) -> Finetune
     return run
 
 
+def _unfinished_run(session: Session, run_id: int) -> FinetuneRun:
+    """The run, which must not be finished (``ValueError``: the caller stops too)."""
+    run = _get_run(session, run_id)
+    if run.status in FINISHED_RUN_STATUSES:
+        raise ValueError(f"fine-tune run {run_id} already {run.status}")
+    return run
+
+
 def _get_run(session: Session, run_id: int) -> FinetuneRun:
     run = session.get(FinetuneRun, run_id)
     if run is None:
@@ -39,9 +47,7 @@ def update_run_progress(
 ) -> FinetuneRun:
     """Record progress (0..1) and a heartbeat; the first update marks the run running and
     started."""
-    run = _get_run(session, run_id)
-    if run.status in FINISHED_RUN_STATUSES:
-        raise ValueError(f"fine-tune run {run_id} already {run.status}")
+    run = _unfinished_run(session, run_id)
     if run.status == "queued":
         run.status = "running"
         run.started = utcnow()
@@ -60,9 +66,7 @@ def update_run_progress(
 def beat(session: Session, run_id: int) -> bool:
     """The run is alive: record the time. Returns whether someone asked it to stop; raises
     ``ValueError`` if it was marked finished meanwhile (so it stops too)."""
-    run = _get_run(session, run_id)
-    if run.status in FINISHED_RUN_STATUSES:
-        raise ValueError(f"fine-tune run {run_id} already {run.status}")
+    run = _unfinished_run(session, run_id)
     run.heartbeat = utcnow()
     session.flush()
     return bool(run.stop_requested)

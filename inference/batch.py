@@ -228,13 +228,10 @@ def prepare_engine(model: LoadedModel, n_images: int) -> None:
     from inference import onnx_engine
 
     if (settings.inference_engine() != "auto" or n_images < AUTO_BUILD_MIN_IMAGES
-            or model.sha256 is None or onnx_engine.built(model)):
+            or onnx_engine.built(model)):
         return
     print(f"{n_images} images: building the ONNX engine first (once per model)", file=sys.stderr)
-    try:
-        model.engines["onnx"] = onnx_engine.OnnxEngine.for_model(model)
-    except Exception as exc:  # torch serves instead
-        print(f"ONNX engine not built ({type(exc).__name__}); using torch", file=sys.stderr)
+    onnx_engine.build(model)  # then forward_pass finds it; if it fails, torch serves
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +100,20 @@ def export_onnx(net: InfMapNet, path: Path) -> Path:
     return path
 
 
+def ensure_file(model: LoadedModel, cache_dir: Path | None = None) -> Path:
+    """``model``'s ONNX file, exported into the cache first if it is not there."""
+    path = onnx_path(model, cache_dir)
+    if not path.is_file():
+        net = model.model
+        was_training = net.training
+        net.eval()
+        try:
+            export_onnx(net, path)
+        finally:
+            net.train(was_training)
+    return path
+
+
 class OnnxEngine:
     """An ONNX Runtime CPU session over one exported ``InfMapNet``."""
 
@@ -120,16 +133,7 @@ class OnnxEngine:
         cls, model: LoadedModel, cache_dir: Path | None = None, threads: int | None = None
     ) -> OnnxEngine:
         """The engine of ``model``, exporting it into the cache first if it is not there."""
-        path = onnx_path(model, cache_dir)
-        if not path.is_file():
-            net = model.model
-            was_training = net.training
-            net.eval()
-            try:
-                export_onnx(net, path)
-            finally:
-                net.train(was_training)
-        return cls(path, threads)
+        return cls(ensure_file(model, cache_dir), threads)
 
     def forward_all(self, x: torch.Tensor) -> NetOutputs:
         """``InfMapNet.forward_all`` on ONNX Runtime: float32 (B, 1, H, W) in, torch tensors out."""
@@ -165,11 +169,14 @@ def built(model: LoadedModel) -> bool:
     return model.sha256 is not None and onnx_path(model).is_file()
 
 
-def build(checkpoint: Path, cache_dir: Path | None = None) -> Path:
-    """Export ``checkpoint`` into the cache (nothing to do if it is there); returns the file."""
-    from inference.model import load_checkpoint
-
-    return OnnxEngine.for_model(load_checkpoint(checkpoint), cache_dir).path
+def build(model: LoadedModel, cache_dir: Path | None = None) -> Path | None:
+    """Make ``model``'s ONNX file ahead of its use (nothing to do if it is there); None, with
+    a warning that names no file, if it cannot be made: torch then serves, nothing fails."""
+    try:
+        return ensure_file(model, cache_dir)
+    except Exception as exc:
+        log.warning("ONNX file not built (%s); torch will serve", type(exc).__name__)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=settings.cli_path, default=None,
                    help="default: INFMAP_ONNX_CACHE or <repo>/.cache/onnx")
     args = p.parse_args(argv)
-    try:
-        path = build(args.checkpoint or settings.checkpoint_path(), args.cache_dir)
-    except Exception as exc:  # the app still runs on torch: say so, do not fail the caller
-        print(f"ONNX file not built ({type(exc).__name__}: {exc}); torch will serve",
-              file=sys.stderr)
+    from inference.model import load_checkpoint
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    path = build(load_checkpoint(args.checkpoint or settings.checkpoint_path()), args.cache_dir)
+    if path is None:
         return 1
     print(path)
     return 0

@@ -273,8 +273,9 @@ def _main(opts: FinetuneOptions) -> int:
         return 130
     if opts.onnx:  # after the run is recorded: a failure here costs speed, not the version
         from inference import onnx_engine
+        from inference.model import load_checkpoint
 
-        onnx_engine.main(["--checkpoint", str(result.checkpoint)])
+        onnx_engine.build(load_checkpoint(result.checkpoint))
     m = result.metrics
     print(json.dumps({"version": result.version, "model_version_id": result.model_version_id,
                       "activated": result.activated, "decision": result.decision,

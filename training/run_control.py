@@ -130,8 +130,9 @@ HEARTBEAT_SECONDS = 10.0
 class Heartbeat:
     """A daemon thread that tells the run row every ``interval`` seconds that the run is alive
     (evaluations can go minutes without a progress update), and turns a stop request recorded
-    by any app server, or the row marked finished, into SIGTERM to this process: the same path
-    as the app's own Stop (``signals_raise``; held back around the final commit)."""
+    by any app server into SIGTERM to this process: the same path as the app's own Stop
+    (``signals_raise``; held back around the final commit). A row marked finished ends the
+    beats; the run's next progress update raises ``Interrupted`` for it."""
 
     def __init__(self, engine: Any, run_id: int, interval: float = HEARTBEAT_SECONDS) -> None:
         self.engine, self.run_id, self.interval = engine, run_id, interval
