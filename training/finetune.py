@@ -89,6 +89,7 @@ from training.finetune_options import FinetuneOptions, FinetuneResult
 from training.finetune_train import train
 from training.gate import ActivationGate, ForgettingGate
 from training.loop import NATIVE_BF16
+from training.losses import MultiTaskLoss
 from training.replay import load_replay
 from training.run_control import (
     FinetuneError,
@@ -244,7 +245,7 @@ def follow(opts: FinetuneOptions) -> None:
     replay = (load_replay(opts_data, config.input_size)
               if plan["data"] and opts.replay_ratio > 0 else None)
     train(build_model(config), config, plan["corrections"], plan["has_masks"], replay, opts,
-          Progress(None, None, False), d)
+          Progress(None, None, False), d, MultiTaskLoss.as_trained({"training": plan["loss"]}))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from training.corrections import (
 from training.finetune_options import FinetuneOptions, FinetuneResult
 from training.finetune_train import train
 from training.gate import ActivationGate, evaluate
-from training.losses import NO_LABEL
+from training.losses import NO_LABEL, MultiTaskLoss
 from training.replay import load_replay, load_val
 from training.run_control import FinetuneError, Progress, signals_blocked
 
@@ -79,7 +79,9 @@ def run(
     default_data = settings.shared_data_dir()
     data_root = opts.data or (str(default_data) if default_data.is_dir() else None)
     d = distributed.init()
+    loss_fn = MultiTaskLoss.as_trained(base.meta)
     distributed.broadcast_object({"config": asdict(base.config), "corrections": train_arrays,
+                                  "loss": loss_fn.loss_options(),
                                   "has_masks": [c.has_masks for c in train_set],
                                   "data": data_root}, d)  # the followers' plan
     state["plan_shared"] = True
@@ -96,7 +98,7 @@ def run(
 
     model, n_replay, train_seconds = train(base.model, base.config, train_arrays,
                                             [c.has_masks for c in train_set], replay, opts,
-                                            progress, d)
+                                            progress, d, loss_fn)
 
     progress.update(0.87, "evaluating the fine-tuned model", force=True)
     # The base's Val-fitted decisions (temperature, thresholds, out-of-domain reference) carry

@@ -48,11 +48,13 @@ def train(
     opts: FinetuneOptions,
     progress: Progress,
     d: distributed.Dist,
+    loss_fn: MultiTaskLoss | None = None,
 ) -> tuple[InfMapNet, int, float]:
     """The training loop on the base's network: corrections mixed with replayed Train images.
     A correction without masks (a reading only) trains the class head only.
     Returns (model in eval mode with float16-rounded weights, replayed per batch, seconds).
-    Under torchrun each process takes its share of every batch (same seeds, same batches)."""
+    Under torchrun each process takes its share of every batch (same seeds, same batches).
+    ``loss_fn``: the base's training loss (``MultiTaskLoss.as_trained``); default 1.0's."""
     if opts.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -60,7 +62,7 @@ def train(
                            (len(corr_arrays), len(replay) if replay is not None else -1), d)
     trained = distributed.wrap(model, d)  # DDP starts every process from rank 0's weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    loss_fn = MultiTaskLoss()
+    loss_fn = loss_fn or MultiTaskLoss()
     torch.manual_seed(opts.seed)  # dropout in the class head uses the global generator
     gen = torch.Generator().manual_seed(opts.seed + d.rank)  # augmentation draws per process
     rng = np.random.default_rng(opts.seed)  # the batches: the same in every process

@@ -9,6 +9,11 @@ without a reading carries no diagnosis. The class term is the mean over labelled
 cross-entropy. Likewise ``mask_known`` (per sample; default all) says which samples have mask
 targets: a study with only a reading trains the class and not the masks, and the mask terms are
 computed over the samples with masks only (0 when a batch has none).
+
+``infection_dice="per_image"`` (recipe 2.1) replaces the infection's pooled Dice by the mean soft
+Dice of each image that has a lesion: the target metric is a per-image mean, in which a missed
+small lesion scores 0, while a pooled Dice lets the large lesions of a batch outweigh it. Images
+without a lesion are still taught "no infection" by the BCE term.
 """
 
 from __future__ import annotations
@@ -19,14 +24,43 @@ import torch.nn.functional as F
 from torch import nn
 
 NO_LABEL = -1  # class label of a sample that has masks but no class (a human mask correction)
+INFECTION_DICE = ("pooled", "per_image")
+
+
+def per_image_soft_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                             eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the images whose target is not empty (0 when none is)."""
+    prob = torch.sigmoid(logits).flatten(1)
+    tgt = target.flatten(1)
+    has = tgt.sum(1) > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    prob, tgt = prob[has], tgt[has]
+    dice = (2 * (prob * tgt).sum(1) + eps) / (prob.sum(1) + tgt.sum(1) + eps)
+    return 1.0 - dice.mean()
 
 
 class MultiTaskLoss(nn.Module):
-    def __init__(self, class_weight: float = 0.5, infection_weight: float = 1.5) -> None:
+    def __init__(self, class_weight: float = 0.5, infection_weight: float = 1.5,
+                 infection_dice: str = "pooled") -> None:
         super().__init__()
+        if infection_dice not in INFECTION_DICE:
+            raise ValueError(f"infection_dice must be one of {INFECTION_DICE}")
         self.dice = smp.losses.DiceLoss(mode="binary", from_logits=True)
+        self.infection_dice = infection_dice
         self.class_weight = class_weight
         self.infection_weight = infection_weight
+
+    @classmethod
+    def as_trained(cls, meta: dict) -> MultiTaskLoss:
+        """The loss a checkpoint was trained with (its ``meta["training"]``), so fine-tuning
+        goes on the same way; checkpoints from before the option get 1.0's loss."""
+        training = meta.get("training", {})
+        return cls(infection_weight=float(training.get("infection_weight", 1.5)),
+                   infection_dice=str(training.get("infection_dice", "pooled")))
+
+    def loss_options(self) -> dict[str, float | str]:
+        return {"infection_weight": self.infection_weight, "infection_dice": self.infection_dice}
 
     def forward(
         self,
@@ -46,9 +80,10 @@ class MultiTaskLoss(nn.Module):
             if len(logit) == 0:  # no sample of the batch has masks
                 parts[name] = logit.sum() * 0.0
                 continue
-            parts[name] = self.dice(logit, target) + F.binary_cross_entropy_with_logits(
-                logit, target
-            )
+            dice = (per_image_soft_dice_loss(logit, target)
+                    if name == "infection" and self.infection_dice == "per_image"
+                    else self.dice(logit, target))
+            parts[name] = dice + F.binary_cross_entropy_with_logits(logit, target)
         labelled = labels != NO_LABEL
         if bool(labelled.all()):
             parts["class"] = F.cross_entropy(class_logits.float(), labels, label_smoothing=0.05)

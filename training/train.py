@@ -42,7 +42,7 @@ from training.data import SplitArrays, load_split, to_tensors
 from training.eval_metrics import split_scores
 from training.evaluate import predict_arrays
 from training.loop import NATIVE_BF16, ema_with_warmup, lr_at, train_step
-from training.losses import MultiTaskLoss
+from training.losses import INFECTION_DICE, MultiTaskLoss
 
 DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4.0)"
 
@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", default="",
                    help="start from this checkpoint's weights (same architecture), not at random")
     p.add_argument("--warmup", type=int, default=300, help="linear warm-up steps (at most)")
+    p.add_argument("--infection-dice", choices=INFECTION_DICE, default="pooled",
+                   help="infection Dice pooled over the batch (1.0, 2.0) or per image (2.1)")
+    p.add_argument("--infection-weight", type=float, default=1.5)
     return p.parse_args(argv)
 
 
@@ -140,7 +143,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     augment_fn = AUGMENTATIONS[args.augment]
     trained = distributed.wrap(model, d)  # what steps; ``model`` keeps the weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_fn = MultiTaskLoss()
+    loss_fn = MultiTaskLoss(infection_weight=args.infection_weight,
+                            infection_dice=args.infection_dice)
     steps_per_epoch = len(train_data) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     warmup = min(args.warmup, max(1, total_steps // 20))
@@ -231,6 +235,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
                              "init": init_note, "augment": args.augment, "ema": args.ema,
                              "head_pooling": args.head_pooling, "processes": d.world_size,
+                             "infection_dice": args.infection_dice,
+                             "infection_weight": args.infection_weight,
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
                 "metrics": {"val": {k: metrics[k] for k in

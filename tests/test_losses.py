@@ -1,0 +1,66 @@
+"""Recipe 2.1's infection Dice: per image, so a missed small lesion counts as a big one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.losses import MultiTaskLoss, per_image_soft_dice_loss
+
+
+def _logits(mask: torch.Tensor) -> torch.Tensor:
+    """Near-certain logits for a binary mask."""
+    return (mask * 2 - 1) * 20.0
+
+
+def _big_and_small_lesion() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two images: a 40x40 lesion found exactly, and a 4x4 lesion missed entirely."""
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, :, 10:50, 10:50] = 1
+    target[1, :, 30:34, 30:34] = 1
+    pred = target.clone()
+    pred[1] = 0
+    return _logits(pred), target
+
+
+def test_per_image_dice_counts_a_missed_small_lesion_as_half_the_batch() -> None:
+    logits, target = _big_and_small_lesion()
+    per_image = float(per_image_soft_dice_loss(logits, target))
+    pooled = float(MultiTaskLoss().dice(logits, target))
+    assert per_image == pytest.approx(0.5, abs=0.03)  # one image of two scores 0
+    assert pooled < 0.02  # the big lesion's pixels hide the miss
+
+
+def test_per_image_dice_ignores_images_without_a_lesion_and_keeps_the_graph() -> None:
+    logits, target = _big_and_small_lesion()
+    empty = torch.zeros(1, 1, 64, 64)
+    with_empty = per_image_soft_dice_loss(torch.cat([logits, _logits(empty)]),
+                                          torch.cat([target, empty]))
+    assert float(with_empty) == pytest.approx(float(per_image_soft_dice_loss(logits, target)))
+    none = torch.zeros(3, 1, 8, 8, requires_grad=True)
+    loss = per_image_soft_dice_loss(none, torch.zeros(3, 1, 8, 8))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and none.grad is not None
+
+
+def test_the_loss_option_is_read_back_from_a_checkpoints_training_meta() -> None:
+    loss = MultiTaskLoss.as_trained({"training": {"infection_dice": "per_image",
+                                                  "infection_weight": 2.0}})
+    assert loss.loss_options() == {"infection_weight": 2.0, "infection_dice": "per_image"}
+    old = MultiTaskLoss.as_trained({"training": {"epoch": 8}})  # a 1.0/2.0 checkpoint
+    assert old.loss_options() == {"infection_weight": 1.5, "infection_dice": "pooled"}
+    with pytest.raises(ValueError):
+        MultiTaskLoss(infection_dice="per_batch")
+
+
+def test_per_image_infection_dice_changes_the_total_loss_only_through_infection() -> None:
+    logits, target = _big_and_small_lesion()
+    mask_logits = torch.cat([_logits(torch.ones_like(target)), logits], 1)
+    masks = torch.cat([torch.ones_like(target), target], 1)
+    class_logits, labels = torch.zeros(2, 3), torch.tensor([0, 0])
+    _, pooled = MultiTaskLoss()(mask_logits, class_logits, masks, labels)
+    _, per_image = MultiTaskLoss(infection_dice="per_image")(mask_logits, class_logits, masks,
+                                                             labels)
+    assert per_image["lung"] == pytest.approx(pooled["lung"])
+    assert per_image["class"] == pytest.approx(pooled["class"])
+    assert per_image["infection"] > pooled["infection"] + 0.4
