@@ -369,3 +369,27 @@ def test_worklist_orders_by_uncertainty_of_the_active_version(world: dict) -> No
     with scope() as s:  # rollback: the worklist follows the active version's predictions again
         model_versions.set_active_model_version(s, world["base_id"])
         assert all(r.uncertainty is None for r in worklist.worklist(s, sort="uncertainty"))
+
+
+def test_finetuning_trains_with_the_loss_its_base_was_trained_with(
+    world: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from inference.model import load_checkpoint
+    from training import finetune_run
+
+    base = load_checkpoint(world["base_path"])
+    per_image_base = save_checkpoint(base.model, world["tmp"] / "base-per-image.pt", meta={
+        "version": "base-per-image",
+        "training": {"infection_dice": "per_image", "infection_weight": 2.0}})
+    seen: list[dict] = []
+    real_train = finetune_run.train
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        loss_fn = args[8] if len(args) > 8 else kwargs.get("loss_fn")
+        seen.append(loss_fn.loss_options() if loss_fn is not None else {})
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_run, "train", spy)
+    ft.finetune(_opts(world, "per-image-base", base=str(per_image_base), steps=2,
+                      activate="never"), engine=world["engine"])
+    assert seen == [{"infection_weight": 2.0, "infection_dice": "per_image"}]

@@ -245,7 +245,7 @@ def follow(opts: FinetuneOptions) -> None:
     replay = (load_replay(opts_data, config.input_size)
               if plan["data"] and opts.replay_ratio > 0 else None)
     train(build_model(config), config, plan["corrections"], plan["has_masks"], replay, opts,
-          Progress(None, None, False), d, MultiTaskLoss.as_trained({"training": plan["loss"]}))
+          Progress(None, None, False), d, MultiTaskLoss(**plan["loss"]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ without a lesion are still taught "no infection" by the BCE term.
 
 from __future__ import annotations
 
+from typing import Any
+
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from torch import nn
 
 NO_LABEL = -1  # class label of a sample that has masks but no class (a human mask correction)
 INFECTION_DICE = ("pooled", "per_image")
+LOSS_OPTIONS = ("infection_weight", "infection_dice")  # recorded per checkpoint, read back
 
 
 def per_image_soft_dice_loss(logits: torch.Tensor, target: torch.Tensor,
@@ -56,11 +59,12 @@ class MultiTaskLoss(nn.Module):
         """The loss a checkpoint was trained with (its ``meta["training"]``), so fine-tuning
         goes on the same way; checkpoints from before the option get 1.0's loss."""
         training = meta.get("training", {})
-        return cls(infection_weight=float(training.get("infection_weight", 1.5)),
-                   infection_dice=str(training.get("infection_dice", "pooled")))
+        return cls(**{k: training[k] for k in LOSS_OPTIONS if k in training})
 
-    def loss_options(self) -> dict[str, float | str]:
-        return {"infection_weight": self.infection_weight, "infection_dice": self.infection_dice}
+    def loss_options(self) -> dict[str, Any]:
+        """The options of this loss as keyword arguments of the constructor (what a checkpoint's
+        ``meta["training"]`` records)."""
+        return {k: getattr(self, k) for k in LOSS_OPTIONS}
 
     def forward(
         self,

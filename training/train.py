@@ -235,8 +235,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
                              "init": init_note, "augment": args.augment, "ema": args.ema,
                              "head_pooling": args.head_pooling, "processes": d.world_size,
-                             "infection_dice": args.infection_dice,
-                             "infection_weight": args.infection_weight,
+                             **loss_fn.loss_options(),
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
                 "metrics": {"val": {k: metrics[k] for k in
