@@ -19,7 +19,15 @@ from inference.calibration import (
     ood_scores,
 )
 from inference.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
-from training.calibrate import balanced_covid_threshold, fit_ood, fit_temperature
+from training.calibrate import (
+    GRADED_LIMIT,
+    balanced_covid_threshold,
+    choose_masks,
+    fit_ood,
+    fit_temperature,
+)
+from training.eval_metrics import severity_graded
+from training.outputs import RawOutputs
 
 
 def test_decision_rule_threshold_on_covid_else_likelier_other() -> None:
@@ -219,3 +227,42 @@ def test_calibrate_cli_writes_both_ood_parts_and_the_new_version(
     assert cal.ood_mean is not None and cal.ood_mean.shape[0] == loaded.model.content_dims
     pred = predict(np.full((300, 260), 0.5, np.float32), loaded)
     assert pred.ood_score is not None and pred.in_domain is not None
+
+
+def _two_lungs(n: int, size: int = 64) -> np.ndarray:
+    lungs = np.zeros((n, size, size), dtype=np.float16)
+    lungs[:, 8:56, 6:28] = 0.95
+    lungs[:, 8:56, 36:58] = 0.95
+    return lungs
+
+
+def test_infection_threshold_never_buys_dice_by_grading_healthy_lungs() -> None:
+    """Two COVID-19 images whose faint lesion rims (p = 0.3) are true lesion, two lesion-free
+    images with a faint false blob (p = 0.3, 8% of a lung): Dice alone picks 0.10, which grades
+    both healthy X-rays; the rule picks the best threshold that grades none of them."""
+    n = 4
+    lung_prob = _two_lungs(n)
+    inf_prob = np.zeros_like(lung_prob)
+    inf_gt = np.zeros((n, 64, 64), dtype=bool)
+    for i in (0, 1):  # COVID-19: a core at 0.95 and a rim at 0.3, both lesion
+        inf_gt[i, 20:40, 10:24] = True
+        inf_prob[i, 20:40, 10:24] = 0.3
+        inf_prob[i, 24:36, 13:21] = 0.95
+    inf_prob[2:, 30:40, 40:49] = 0.3  # 90 pixels of a 1,056-pixel lung
+    raw = RawOutputs(logits=np.zeros((n, 3), np.float32), lung_prob=lung_prob,
+                     infection_prob=inf_prob, embedding=np.zeros((n, 4), np.float32), cams=None)
+    covid = np.array([True, True, False, False])
+    _, threshold, notes = choose_masks(raw, lung_prob > 0.5, inf_gt, covid)
+    dice = {float(k): v for k, v in notes["infection_dice_by_threshold"].items()}
+    graded = {float(k): v for k, v in notes["graded_without_lesion_by_threshold"].items()}
+    assert max(dice, key=dice.get) == 0.10 and graded[0.10] == 1.0  # what Dice alone would pick
+    assert graded[threshold] == 0.0 and threshold >= 0.3
+    assert dice[threshold] == max(d for t, d in dice.items() if graded[t] <= GRADED_LIMIT)
+
+
+def test_severity_graded_is_the_apps_rule_per_lung() -> None:
+    lungs = _two_lungs(3).astype(np.float32) > 0.5
+    inf = np.zeros_like(lungs)
+    inf[1, 30:33, 40:43] = True  # 9 pixels: 0.9% of the patient's left lung, below the floor
+    inf[2, 30:34, 40:43] = True  # 12 pixels: 1.1%, graded "mild"
+    assert severity_graded(lungs, inf).tolist() == [False, False, True]

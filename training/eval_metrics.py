@@ -21,6 +21,8 @@ from sklearn.metrics import (
 )
 
 from inference.model import CLASS_NAMES
+from inference.predict import infection_percentages
+from inference.severity import severity
 from training.data import SplitArrays
 from training.metrics import dice_iou_per_image, expected_calibration_error, pooled_dice_iou
 
@@ -60,6 +62,11 @@ DEFINITIONS = {
     "infection.non_covid_normal.near_empty_share": (
         "same images: share with predicted infection pixels < 0.5% of the predicted lung pixels "
         "(an image with no predicted lung counts as near empty, its infection mask is empty too)."
+    ),
+    "infection.non_covid_normal.graded_share": (
+        "same images: share given a severity grade other than none by the app's rule (either "
+        "lung's predicted infected share >= 1%, inference.severity): a healthy X-ray with a "
+        "grade. In training's Val score as 1 - this share."
     ),
     "classification.accuracy": (
         "the shipped decision rule (COVID-19 when the temperature-scaled p(COVID-19) >= the "
@@ -119,11 +126,25 @@ class SplitPredictions:
         return self.probs.argmax(1) if self.decided is None else self.decided
 
 
+def severity_graded(lungs: np.ndarray, infections: np.ndarray) -> np.ndarray:
+    """Per image (bool): the app would give it a severity grade other than "none"."""
+    out = np.zeros(len(lungs), dtype=bool)
+    for i, (lung, inf) in enumerate(zip(lungs, infections, strict=True)):
+        if inf.any():  # no infection pixel: grade none, no need to split the lungs
+            _, left, right = infection_percentages(lung, inf)
+            out[i] = severity(left, right).score > 0
+    return out
+
+
 def split_scores(data: SplitArrays, preds: SplitPredictions) -> dict[str, Any]:
     """The few numbers training picks checkpoints by and fine-tuning's gate checks forgetting
     with: per-image mean lung Dice over all images, infection Dice over COVID-19 images (None
-    when the split holds none) and the accuracy of the decided class."""
+    when the split holds none), the accuracy of the decided class, and the share of Non-COVID
+    and Normal images given a severity grade (None when the split holds none)."""
     covid = data.labels == COVID
+    graded = None
+    if (~covid).any():
+        graded = float(severity_graded(preds.lungs[~covid], preds.infections[~covid]).mean())
     lung = dice_iou_per_image(preds.lungs, data.lungs > 0)[0]
     infection = None
     if covid.any():  # a small seeded subset may hold no COVID-19 image
@@ -133,6 +154,7 @@ def split_scores(data: SplitArrays, preds: SplitPredictions) -> dict[str, Any]:
         "lung_dice": float(lung.mean()),
         "infection_dice_covid": infection,
         "accuracy": float((preds.predicted == data.labels).mean()),
+        "graded_without_lesion": graded,
     }
 
 
@@ -292,6 +314,10 @@ def compute_metrics(
                     if rest.any() else None
                 ),
                 "near_empty_tolerance": NEAR_EMPTY_FRACTION,
+                "graded_share": (
+                    float(severity_graded(preds.lungs[rest], preds.infections[rest]).mean())
+                    if rest.any() else None
+                ),
                 "mean_predicted_infection_percent": (
                     float((100 * inf_px / np.maximum(lung_px, 1)).mean()) if rest.any() else None
                 ),

@@ -191,6 +191,7 @@ def summary_table(m: dict[str, Any]) -> str:
          f"{_fmt(inf['iou_mean'])} / {_fmt(inf['iou_pooled'])}"),
         ("no infection predicted, empty / <0.5% lung (others)",
          f"{_fmt(rest['empty_share'], True)} / {_fmt(rest['near_empty_share'], True)}"),
+        ("given a severity grade (others)", _fmt(rest.get("graded_share"), True)),
         ("accuracy / macro F1", f"{_fmt(cls['accuracy'])} / {_fmt(cls['macro_f1'])}"),
         ("COVID-19 sens / spec (shipped rule)",
          f"{_fmt(cls['covid_sensitivity'])} / {_fmt(cls['covid_specificity'])}"),
