@@ -159,7 +159,7 @@ def test_train_main_checkpoint_and_resume(
     loaded = load_checkpoint(out)  # torch.load(weights_only=True) inside
     assert loaded.version == "0.0.1-test" and len(loaded.sha256) == 64
     val = loaded.meta["metrics"]["val"]
-    assert set(val) == {"lung_dice", "infection_dice_covid", "accuracy"}
+    assert set(val) == {"lung_dice", "infection_dice_covid", "accuracy", "graded_without_lesion"}
     assert all(0.0 <= v <= 1.0 for v in val.values())
     assert loaded.meta["training"]["epoch"] == 1
     assert loaded.meta["config"]["input_size"] == 256
@@ -180,6 +180,31 @@ def test_train_main_checkpoint_and_resume(
     state = torch.load(work / "last.pt", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (2, 6)
     assert load_checkpoint(out).meta["training"]["epoch"] in (1, 2)
+
+
+def test_freeze_encoder_trains_the_masks_only(mini_root: Path, tmp_path: Path) -> None:
+    """--freeze encoder: the encoder and class head (weights and batch-norm statistics) stay
+    exactly the init's, the decoder moves; without --init the flag is refused."""
+    from training.train import main
+
+    init_model = build_model(ModelConfig())
+    init = save_checkpoint(init_model, tmp_path / "init.pt", meta={"version": "0.0.0-init"})
+    work = tmp_path / "work"
+    common = ["--data", str(mini_root), "--out", str(tmp_path / "best.pt"),
+              "--cache-dir", str(tmp_path / "cache"), "--limit", "16", "--batch-size", "4",
+              "--max-steps", "3", "--epochs", "1", "--lr", "1e-3", "--warmup", "1"]
+    with pytest.raises(SystemExit, match="--init"):
+        main([*common, "--work-dir", str(tmp_path / "refused"), "--freeze", "encoder"])
+    main([*common, "--work-dir", str(work), "--freeze", "encoder", "--init", str(init)])
+
+    before = init_model.state_dict()
+    after = torch.load(work / "last.pt", weights_only=True)["model"]
+    frozen = [k for k in before if k.startswith(("net.encoder.", "net.classification_head."))]
+    moving = [k for k in before if k.startswith("net.decoder.") and before[k].is_floating_point()]
+    assert frozen and moving
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in moving)
+    assert load_checkpoint(tmp_path / "best.pt").meta["training"]["frozen"] == "encoder"
 
 
 @pytest.mark.timeout(1200)  # two cold torch starts on a busy 2-core machine

@@ -44,6 +44,11 @@ from training.evaluate import predict_arrays
 from training.loop import NATIVE_BF16, ema_with_warmup, lr_at, train_step
 from training.losses import INFECTION_DICE, MultiTaskLoss
 
+# What --freeze keeps of --init. "encoder": the encoder and the class head, so the reading, the
+# features the out-of-domain score measures and the head's calibration input stay the init's
+# while the decoder (the masks) trains.
+FROZEN_PARTS = {"none": (), "encoder": ("encoder", "classification_head")}
+
 DATASET_NOTE = "COVID-QU-Ex Infection Segmentation Data, Train split (CC BY-SA 4.0)"
 
 
@@ -85,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infection-weight", type=float, default=1.5)
     p.add_argument("--false-infection-weight", type=float, default=0.0,
                    help="weight of the false-infection share on lesion-free images (2.2)")
+    p.add_argument("--freeze", choices=sorted(FROZEN_PARTS), default="none",
+                   help="parts of --init left as they are (encoder: train the masks only)")
     return p.parse_args(argv)
 
 
@@ -138,6 +145,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"--init {args.init}: its architecture differs from this run's")
         model.load_state_dict(start.model.state_dict())
         init_note = f"{start.version} ({start.sha256})"
+    elif args.freeze != "none":
+        raise SystemExit("--freeze keeps parts of --init: give --init")
+    frozen = [getattr(model.net, name) for name in FROZEN_PARTS[args.freeze]]
+    for part in frozen:
+        part.requires_grad_(False)
     if not args.no_channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = (
@@ -150,7 +162,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     )
     augment_fn = AUGMENTATIONS[args.augment]
     trained = distributed.wrap(model, d)  # what steps; ``model`` keeps the weights
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = MultiTaskLoss(infection_weight=args.infection_weight,
                             infection_dice=args.infection_dice,
                             false_infection_weight=args.false_infection_weight)
@@ -196,6 +209,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     while epoch < args.epochs:
         perm = np.random.default_rng(args.seed * 1000 + epoch).permutation(len(train_data))
         model.train()
+        for part in frozen:  # batch-norm statistics and dropout stay the init's too
+            part.eval()
         bar = tqdm(range(step_in_epoch, steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
                    initial=step_in_epoch, total=steps_per_epoch, mininterval=5,
                    disable=not d.is_main)
@@ -244,6 +259,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "batch_size": args.batch_size, "lr": args.lr, "bf16": bf16,
                              "init": init_note, "augment": args.augment, "ema": args.ema,
                              "head_pooling": args.head_pooling, "processes": d.world_size,
+                             "frozen": args.freeze,
                              **loss_fn.loss_options(),
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
