@@ -145,6 +145,18 @@ def test_decide_rule() -> None:
     assert not decide(base, {**better, "val": None}, 0.01)[0]  # no Val: never automatic
 
 
+def test_decide_refuses_a_model_that_grades_more_healthy_lungs() -> None:
+    """A fine-tune whose masks give more Val Non-COVID/Normal X-rays a severity grade is refused,
+    however much better it fits the corrections (they are all lesions an annotator drew)."""
+    val = {"lung_dice": 0.9, "infection_dice_covid": 0.6}
+    base = {"corrections": {"score": 0.5}, "val": {**val, "graded_without_lesion": 0.05}}
+    new = {"corrections": {"score": 0.7}, "val": {**val, "graded_without_lesion": 0.08}}
+    ok, why = decide(base, new, 0.01)
+    assert not ok and "graded_without_lesion" in why
+    new["val"]["graded_without_lesion"] = 0.055  # within the tolerance
+    assert decide(base, new, 0.01)[0]
+
+
 def test_holdout_is_stable_as_corrections_grow() -> None:
     def corr(i: int) -> ft.Correction:
         z = np.zeros((4, 4), bool)
@@ -392,4 +404,6 @@ def test_finetuning_trains_with_the_loss_its_base_was_trained_with(
     monkeypatch.setattr(finetune_run, "train", spy)
     ft.finetune(_opts(world, "per-image-base", base=str(per_image_base), steps=2,
                       activate="never"), engine=world["engine"])
-    assert seen == [{"infection_weight": 2.0, "infection_dice": "per_image"}]
+    # what the base records, and the constructor's default for what it does not
+    assert seen == [{"infection_weight": 2.0, "infection_dice": "per_image",
+                     "false_infection_weight": 0.0}]

@@ -98,7 +98,8 @@ def decide(
     mean of the lung and infection Dice that exist; the readings' accuracy) and better on at
     least one (Dice higher; accuracy higher, or equal with a lower ECE). On Val: neither lung
     nor infection Dice lower than the base's by more than ``tolerance``, nor, when the run
-    learned readings, the accuracy."""
+    learned readings, the accuracy; nor the share of Non-COVID/Normal images given a severity
+    grade higher by more than ``tolerance``."""
     parts = _held_aside(base["corrections"], new["corrections"])
     if not parts:
         return False, "no held-aside corrections or readings to compare on"
@@ -116,6 +117,12 @@ def decide(
         bv, nv = base["val"].get(key), new["val"].get(key)
         if bv is not None and nv is not None and nv < bv - tolerance:
             return False, f"worse on Val {key}: {nv:.4f} < base {bv:.4f} - {tolerance}"
+    # Corrections are lesions an annotator drew: learning them must not teach the masks to paint
+    # healthy lungs (a severity grade on a Non-COVID/Normal X-ray).
+    bg, ng = base["val"].get("graded_without_lesion"), new["val"].get("graded_without_lesion")
+    if bg is not None and ng is not None and ng > bg + tolerance:
+        return False, (f"worse on Val graded_without_lesion: {ng:.4f} > base {bg:.4f} + "
+                       f"{tolerance}")
     return True, (f"better on held-aside ({'; '.join(w for w, _, _ in parts)}) and within "
                   f"{tolerance} of the base on Val")
 
@@ -128,7 +135,7 @@ class ForgettingGate:
     tolerance: float = 0.01
     rule: str = ("held-aside Dice / reading accuracy not worse than base and one better; Val "
                  "lung/infection Dice (and accuracy when readings were learned) >= base - "
-                 "tolerance")
+                 "tolerance; Val share of healthy X-rays graded <= base + tolerance")
 
     def decide(self, base: Metrics, new: Metrics) -> tuple[bool, str]:
         return decide(base, new, self.tolerance)
