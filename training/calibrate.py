@@ -44,7 +44,7 @@ from inference.calibration import (
 )
 from inference.model import load_checkpoint, save_checkpoint
 from training.data import load_split
-from training.eval_metrics import severity_graded
+from training.eval_metrics import graded_share
 from training.metrics import dice_iou_per_image
 from training.outputs import RawOutputs, run_network
 
@@ -106,8 +106,7 @@ def choose_masks(val: RawOutputs, lungs_gt: np.ndarray, inf_gt: np.ndarray,
     for t in INFECTION_GRID:
         pred = (inf_prob > t) & lungs
         per_t[t] = _mean_dice(pred[covid], inf_gt[covid])
-        graded[t] = (float(severity_graded(lungs[~covid], pred[~covid]).mean())
-                     if (~covid).any() else 0.0)
+        graded[t] = graded_share(lungs[~covid], pred[~covid]) or 0.0
     allowed = [t for t in INFECTION_GRID if graded[t] <= GRADED_LIMIT]
     if allowed:
         best_t = max(allowed, key=lambda t: (per_t[t], -abs(t - 0.5)))

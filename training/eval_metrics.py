@@ -136,15 +136,17 @@ def severity_graded(lungs: np.ndarray, infections: np.ndarray) -> np.ndarray:
     return out
 
 
+def graded_share(lungs: np.ndarray, infections: np.ndarray) -> float | None:
+    """Share of the images given a severity grade (None for no image)."""
+    return float(severity_graded(lungs, infections).mean()) if len(lungs) else None
+
+
 def split_scores(data: SplitArrays, preds: SplitPredictions) -> dict[str, Any]:
     """The few numbers training picks checkpoints by and fine-tuning's gate checks forgetting
     with: per-image mean lung Dice over all images, infection Dice over COVID-19 images (None
     when the split holds none), the accuracy of the decided class, and the share of Non-COVID
     and Normal images given a severity grade (None when the split holds none)."""
     covid = data.labels == COVID
-    graded = None
-    if (~covid).any():
-        graded = float(severity_graded(preds.lungs[~covid], preds.infections[~covid]).mean())
     lung = dice_iou_per_image(preds.lungs, data.lungs > 0)[0]
     infection = None
     if covid.any():  # a small seeded subset may hold no COVID-19 image
@@ -154,7 +156,7 @@ def split_scores(data: SplitArrays, preds: SplitPredictions) -> dict[str, Any]:
         "lung_dice": float(lung.mean()),
         "infection_dice_covid": infection,
         "accuracy": float((preds.predicted == data.labels).mean()),
-        "graded_without_lesion": graded,
+        "graded_without_lesion": graded_share(preds.lungs[~covid], preds.infections[~covid]),
     }
 
 
@@ -314,10 +316,7 @@ def compute_metrics(
                     if rest.any() else None
                 ),
                 "near_empty_tolerance": NEAR_EMPTY_FRACTION,
-                "graded_share": (
-                    float(severity_graded(preds.lungs[rest], preds.infections[rest]).mean())
-                    if rest.any() else None
-                ),
+                "graded_share": graded_share(preds.lungs[rest], preds.infections[rest]),
                 "mean_predicted_infection_percent": (
                     float((100 * inf_px / np.maximum(lung_px, 1)).mean()) if rest.any() else None
                 ),
