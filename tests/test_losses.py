@@ -1,11 +1,12 @@
 """Recipe 2.1's infection Dice (per image, so a missed small lesion counts as a big one does) and
-recipe 2.2's false-infection term on lesion-free images."""
+recipe 2.2's false-infection term on lesion-free images, and recipe 2.5's ramp of that term."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from training.loop import ramp_fraction
 from training.losses import MultiTaskLoss, false_infection_loss, per_image_soft_dice_loss
 
 
@@ -105,3 +106,27 @@ def test_false_infection_weight_adds_to_the_infection_term_only() -> None:
     assert on["lung"] == pytest.approx(off["lung"]) and on["class"] == pytest.approx(off["class"])
     assert on["infection"] - off["infection"] == pytest.approx(100 / (100 + 23.04), abs=0.01)
     assert on_loss.loss_options()["false_infection_weight"] == 1.0
+
+
+def test_ramp_fraction_rises_linearly_then_holds_and_is_off_without_a_ramp() -> None:
+    assert [ramp_fraction(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert ramp_fraction(0, 0) == 1.0
+
+
+def test_false_infection_scale_multiplies_the_term_and_is_not_a_recorded_option() -> None:
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, :, 10:30, 10:30] = 1
+    pred = target.clone()
+    pred[1, :, 40:50, 40:50] = 1  # false infection on the lesion-free image
+    lungs = _lungs(2)
+    mask_logits = torch.cat([_logits(lungs), _logits(pred)], 1)
+    masks = torch.cat([lungs, target], 1)
+    class_logits, labels = torch.zeros(2, 3), torch.tensor([0, 2])
+    loss = MultiTaskLoss(infection_dice="per_image", false_infection_weight=1.0)
+    term = {}
+    for scale in (0.0, 0.5, 1.0):
+        loss.false_infection_scale = scale
+        term[scale] = loss(mask_logits, class_logits, masks, labels)[1]["infection"]
+    assert term[0.5] - term[0.0] == pytest.approx(0.5 * (term[1.0] - term[0.0]))
+    assert term[1.0] > term[0.0]
+    assert "false_infection_scale" not in loss.loss_options()

@@ -182,6 +182,30 @@ def test_train_main_checkpoint_and_resume(
     assert load_checkpoint(out).meta["training"]["epoch"] in (1, 2)
 
 
+def test_false_infection_ramp_rises_per_step_and_is_recorded(
+    mini_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.train as train_module
+
+    scales: list[float] = []
+    real_step = train_module.train_step
+
+    def recording_step(model, optimizer, loss_fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        scales.append(loss_fn.false_infection_scale)
+        return real_step(model, optimizer, loss_fn, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", recording_step)
+    out = tmp_path / "best.pt"
+    train_module.main(["--data", str(mini_root), "--out", str(out), "--work-dir",
+                       str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+                       "--limit", "16", "--batch-size", "4", "--epochs", "1",
+                       "--false-infection-weight", "0.5", "--false-infection-ramp-epochs", "1"])
+    assert scales == [0.0, 0.25, 0.5, 0.75]  # 4 steps per epoch, ramped over one epoch
+    training = load_checkpoint(out).meta["training"]
+    assert training["false_infection_weight"] == 0.5
+    assert training["false_infection_ramp_epochs"] == 1.0
+
+
 def test_freeze_encoder_trains_the_masks_only(mini_root: Path, tmp_path: Path) -> None:
     """--freeze encoder: the encoder and class head (weights and batch-norm statistics) stay
     exactly the init's, the decoder moves; without --init the flag is refused."""

@@ -44,6 +44,14 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ramp_fraction(step: int, ramp_steps: int) -> float:
+    """Linear rise from 0 at step 0 to 1 at ``ramp_steps`` (1 throughout when ``ramp_steps`` is
+    0). A function of the global step, so a resumed run picks the ramp up where it stopped."""
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, step / ramp_steps)
+
+
 def ema_decay_at(updates: int, decay: float) -> float:
     """The EMA decay after ``updates`` averaging steps: ``min(decay, (1 + n) / (10 + n))``.
 

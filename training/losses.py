@@ -21,6 +21,10 @@ lung area (the severity grade's floor): near 0 while the false infection stays w
 the lungs, 0.5 at 1%, near 1 beyond. Per-image Dice on lesions alone (2.1) drove the model to call
 1% or more of the lungs infected on over half the healthy Val images; BCE over all pixels is too
 weak a counterweight, since a few hundred false pixels are a tiny share of an image's pixels.
+``false_infection_scale`` (set per step by ``training.train --false-infection-ramp-epochs``,
+recipe 2.5) multiplies that weight: rising from 0, the term leaves the first epochs to the Dice,
+which learns where lesions are, before it starts to prune false infection (in 2.3 the two terms
+competed from the first step).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class MultiTaskLoss(nn.Module):
         self.class_weight = class_weight
         self.infection_weight = infection_weight
         self.false_infection_weight = false_infection_weight
+        # Not a constructor option: a schedule factor the training loop sets, 1 when fine-tuning.
+        self.false_infection_scale = 1.0
 
     @classmethod
     def as_trained(cls, meta: dict) -> MultiTaskLoss:
@@ -113,8 +119,9 @@ class MultiTaskLoss(nn.Module):
                     if name == "infection" and self.infection_dice == "per_image"
                     else self.dice(logit, target))
             parts[name] = dice + F.binary_cross_entropy_with_logits(logit, target)
-            if name == "infection" and self.false_infection_weight:
-                parts[name] = parts[name] + self.false_infection_weight * false_infection_loss(
+            weight = self.false_infection_weight * self.false_infection_scale
+            if name == "infection" and weight:
+                parts[name] = parts[name] + weight * false_infection_loss(
                     logit, target, masks[:, :1])
         labelled = labels != NO_LABEL
         if bool(labelled.all()):

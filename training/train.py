@@ -41,7 +41,7 @@ from training.augment import AUGMENTATIONS
 from training.data import SplitArrays, load_split, to_tensors
 from training.eval_metrics import split_scores
 from training.evaluate import predict_arrays
-from training.loop import NATIVE_BF16, ema_with_warmup, lr_at, train_step
+from training.loop import NATIVE_BF16, ema_with_warmup, lr_at, ramp_fraction, train_step
 from training.losses import INFECTION_DICE, MultiTaskLoss
 
 # What --freeze keeps of --init. "encoder": the encoder and the class head, so the reading, the
@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--infection-weight", type=float, default=1.5)
     p.add_argument("--false-infection-weight", type=float, default=0.0,
                    help="weight of the false-infection share on lesion-free images (2.2)")
+    p.add_argument("--false-infection-ramp-epochs", type=float, default=0.0,
+                   help="raise that weight linearly from 0 over the first N epochs (2.5)")
     p.add_argument("--freeze", choices=sorted(FROZEN_PARTS), default="none",
                    help="parts of --init left as they are (encoder: train the masks only)")
     return p.parse_args(argv)
@@ -170,6 +172,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(train_data) // args.batch_size
     total_steps = steps_per_epoch * args.epochs
     warmup = min(args.warmup, max(1, total_steps // 20))
+    ramp_steps = round(args.false_infection_ramp_epochs * steps_per_epoch)
 
     state_path = work / "last.pt"
     epoch, step_in_epoch, global_step, best, elapsed = 0, 0, 0, -1.0, 0.0
@@ -219,6 +222,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         for step_in_epoch in bar:
             idx = perm[step_in_epoch * args.batch_size : (step_in_epoch + 1) * args.batch_size]
             img, masks, labels = to_tensors(train_data, distributed.shard(idx, d))
+            loss_fn.false_infection_scale = ramp_fraction(global_step, ramp_steps)
             parts = train_step(trained, optimizer, loss_fn, img, masks, labels, gen, config,
                                lr_at(global_step, total_steps, args.lr, warmup), bf16,
                                not args.no_channels_last, augment_fn=augment_fn)
@@ -261,6 +265,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                              "head_pooling": args.head_pooling, "processes": d.world_size,
                              "frozen": args.freeze,
                              **loss_fn.loss_options(),
+                             "false_infection_ramp_epochs": args.false_infection_ramp_epochs,
                              "train_minutes": round(elapsed / 60, 2),
                              "train_images": len(train_data)},
                 "metrics": {"val": {k: metrics[k] for k in
