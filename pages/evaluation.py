@@ -71,12 +71,17 @@ def downloads(report: evaluation.EvaluationReport, figures: dict) -> None:
         st.caption("PNG export needs the kaleido package, which is not installed: each figure "
                    "is offered as plotly JSON (open it with plotly.io.read_json), and its "
                    "numbers are in metrics.json and curves.json.")
+    pngs = {name: eval_figures.figure_png(fig) for name, fig in figures.items()} if png else {}
+    failed = [name for name, data in pngs.items() if data is None]
+    if failed:
+        st.caption(f"PNG export failed for {', '.join(failed)} (the server log has why): "
+                   "their plotly JSON is offered, and the numbers are in metrics.json and "
+                   "curves.json.")
     cols = st.columns(len(figures))
     for col, (name, fig) in zip(cols, figures.items(), strict=True):
-        if png:
-            col.download_button(f"{name}.png", eval_figures.figure_png(fig) or b"",
-                                file_name=f"{name}.png", mime="image/png",
-                                key=f"evaluation.png.{name}")
+        if pngs.get(name):
+            col.download_button(f"{name}.png", pngs[name], file_name=f"{name}.png",
+                                mime="image/png", key=f"evaluation.png.{name}")
         col.download_button(f"{name}.json", fig.to_json(), file_name=f"{name}.json",
                             mime="application/json", key=f"evaluation.json.{name}")
 

@@ -8,6 +8,7 @@ The numbers come from the metrics dict only, so the figures show exactly what
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import plotly.graph_objects as go
@@ -16,6 +17,9 @@ from inference.model import CLASS_NAMES
 from services.display import CLASS_COLORS
 
 HEIGHT = 360
+PNG_ATTEMPTS = 2  # kaleido's headless Chromium sometimes loses a start-up race; once more is enough
+
+log = logging.getLogger(__name__)
 
 
 def per_class_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,6 +149,15 @@ def png_export_available() -> bool:
 
 
 def figure_png(fig: go.Figure) -> bytes | None:
+    """The figure as PNG; None without kaleido or when it fails, so the page offers the figure's
+    JSON instead of failing. kaleido drives a headless Chromium, which on a busy machine can be
+    asked to draw before its page script has loaded ("kaleido_scopes is not defined")."""
     if not png_export_available():
         return None
-    return fig.to_image(format="png", width=900, height=HEIGHT, scale=1)
+    for attempt in range(1, PNG_ATTEMPTS + 1):
+        try:
+            return fig.to_image(format="png", width=900, height=HEIGHT, scale=1)
+        except Exception as exc:  # kaleido's own error types vary by version and browser
+            log.warning("PNG export failed (attempt %d of %d): %s", attempt, PNG_ATTEMPTS,
+                        type(exc).__name__)
+    return None

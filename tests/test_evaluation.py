@@ -219,6 +219,31 @@ def test_the_page_runs_on_the_bundled_samples_and_opens_a_worst_case(app_env: st
     assert [t.value for t in at.title] == ["Review"]
 
 
+def test_a_failing_png_export_leaves_the_page_and_its_json_downloads_standing(
+    app_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI saw kaleido's Chromium fail to draw ("kaleido_scopes is not defined") and take the
+    whole page down with "Something went wrong"."""
+    import plotly.graph_objects as go
+
+    calls: list[str] = []
+
+    def broken_to_image(self: go.Figure, *args: object, **kwargs: object) -> bytes:
+        calls.append("to_image")
+        raise RuntimeError("ReferenceError: kaleido_scopes is not defined")
+
+    monkeypatch.setattr(eval_figures, "png_export_available", lambda: True)
+    monkeypatch.setattr(go.Figure, "to_image", broken_to_image)
+    at = evaluation_page()
+    at.button(key="evaluation.run").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(calls) == 5 * eval_figures.PNG_ATTEMPTS  # each figure tried, and once more
+    assert any("PNG export failed for confusion_matrix" in c.value for c in at.caption)
+    labels = {b.label for b in at.get("download_button")}
+    assert "confusion_matrix.json" in labels and "confusion_matrix.png" not in labels
+
+
 def test_the_page_refuses_a_bad_folder_in_words(app_env: str, tmp_path: Path) -> None:
     at = evaluation_page()
     at.text_input(key="evaluation.folder").input(str(tmp_path / "nowhere")).run()
