@@ -11,6 +11,7 @@ from services import display, eval_figures, evaluation, ingest
 from services.text import md_escape
 
 RESULT = "evaluation.result"
+PNGS = "evaluation.pngs"  # (report, PNG of each figure): drawn once per evaluation
 FOLDER, DATABASE = "A labelled folder", "Studies with approved readings in the database"
 LAYOUT_HELP = (
     "Three layouts: COVID-QU-Ex as downloaded (one split is evaluated); a folder with "
@@ -60,6 +61,16 @@ def run_form(loaded: object) -> None:
         bar.empty()
 
 
+def figure_pngs(report: evaluation.EvaluationReport, figures: dict) -> dict[str, bytes | None]:
+    """Each figure as PNG (None where the export failed), drawn once per evaluation: every draw
+    starts kaleido's Chromium, and every click on this page reruns it."""
+    cached = st.session_state.get(PNGS)
+    if cached is None or cached[0] is not report:
+        cached = (report, {name: eval_figures.figure_png(fig) for name, fig in figures.items()})
+        st.session_state[PNGS] = cached
+    return cached[1]
+
+
 def downloads(report: evaluation.EvaluationReport, figures: dict) -> None:
     st.subheader("Downloads")
     files = evaluation.downloads(report)
@@ -71,7 +82,7 @@ def downloads(report: evaluation.EvaluationReport, figures: dict) -> None:
         st.caption("PNG export needs the kaleido package, which is not installed: each figure "
                    "is offered as plotly JSON (open it with plotly.io.read_json), and its "
                    "numbers are in metrics.json and curves.json.")
-    pngs = {name: eval_figures.figure_png(fig) for name, fig in figures.items()} if png else {}
+    pngs = figure_pngs(report, figures) if png else {}
     failed = [name for name, data in pngs.items() if data is None]
     if failed:
         st.caption(f"PNG export failed for {', '.join(failed)} (the server log has why): "

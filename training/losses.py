@@ -110,6 +110,7 @@ class MultiTaskLoss(nn.Module):
             known = mask_known.bool()
             mask_logits, masks = mask_logits[known], masks[known]
         parts: dict[str, torch.Tensor] = {}
+        false_weight = self.false_infection_weight * self.false_infection_scale
         for ch, name in enumerate(("lung", "infection")):
             logit, target = mask_logits[:, ch : ch + 1], masks[:, ch : ch + 1]
             if len(logit) == 0:  # no sample of the batch has masks
@@ -119,9 +120,8 @@ class MultiTaskLoss(nn.Module):
                     if name == "infection" and self.infection_dice == "per_image"
                     else self.dice(logit, target))
             parts[name] = dice + F.binary_cross_entropy_with_logits(logit, target)
-            weight = self.false_infection_weight * self.false_infection_scale
-            if name == "infection" and weight:
-                parts[name] = parts[name] + weight * false_infection_loss(
+            if name == "infection" and false_weight:
+                parts[name] = parts[name] + false_weight * false_infection_loss(
                     logit, target, masks[:, :1])
         labelled = labels != NO_LABEL
         if bool(labelled.all()):
